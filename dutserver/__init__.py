@@ -1,0 +1,3 @@
+"""dutserver: a small, fast remote-control server."""
+
+__version__ = "1.0.0"

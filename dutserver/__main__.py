@@ -1,0 +1,3 @@
+from dutserver.cli import main
+
+main()

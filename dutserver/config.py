@@ -1,0 +1,124 @@
+"""One frozen Settings object: flags > environment (DUTSERVER_*) > TOML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every timeout and limit of the server. Field docs become the `--help` texts."""
+
+    db_path: Path = field(default=Path("dutserver.db"), metadata={"help": "SQLite database file"})
+    port: int = field(default=8080, metadata={"help": "TCP port"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)"})
+    key_file: Path | None = field(
+        default=None, metadata={"help": "key for agent secret digests [default: DBFILE.key]"})
+    poll_timeout_s: float = field(default=26.0, metadata={"help": "agent long-poll timeout"})
+    submit_timeout_s: float = field(default=26.0, metadata={"help": "default blocking submit wait"})
+    submit_timeout_max_s: float = field(default=300.0, metadata={"help": "maximum submit wait"})
+    online_grace_s: float = field(default=5.0, metadata={"help": "agent stays online after a poll"})
+    queue_max: int = field(default=1000, metadata={"help": "queued tasks per agent"})
+    body_max_bytes: int = field(default=MIB, metadata={"help": "largest task or result body"})
+    task_expiry_s: float = field(default=86400.0, metadata={"help": "default task lifetime"})
+    session_idle_s: float = field(default=7200.0, metadata={"help": "session idle timeout"})
+    session_max_s: float = field(default=86400.0, metadata={"help": "session absolute lifetime"})
+    ban_failures: int = field(default=5, metadata={"help": "failures per account+address"})
+    ban_address_failures: int = field(
+        default=50, metadata={"help": "failures per address a minute, any account"})
+    ban_s: float = field(default=60.0, metadata={"help": "ban length"})
+    accounts_refresh_s: float = field(
+        default=0.25, metadata={"help": "how often CLI account changes are picked up"})
+    sweep_interval_s: float = field(default=1.0, metadata={"help": "expiry sweep period"})
+    shutdown_timeout_s: float = field(
+        default=1.5, metadata={"help": "how long in-flight requests may finish at shutdown"})
+    sqlite_synchronous: str = field(
+        default="NORMAL", metadata={"help": "SQLite synchronous mode (FULL: fsync every commit)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    access_log: bool = field(default=False, metadata={"help": "log every request"})
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file or self.db_path.with_name(self.db_path.name + ".key")
+
+
+SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turns a TOML, environment or flag value into the field's type, or raises ValueError."""
+    kind = SETTING_FIELDS[name].type
+    if value is None:
+        return None
+    if "Path" in str(kind):
+        return Path(value)
+    if kind in ("float", float):
+        return float(value)
+    if kind in ("int", int):
+        return int(value)
+    if kind in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: not a boolean: {value!r}")
+    return str(value)
+
+
+def load_settings(flags: dict[str, Any], config_file: Path | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
+    """Merges the four sources, highest first: flags, DUTSERVER_* variables, TOML, defaults."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or (Path(environ["DUTSERVER_CONFIG"])
+                                  if environ.get("DUTSERVER_CONFIG") else None)
+    if config_file is not None:
+        with open(config_file, "rb") as f:
+            data = tomllib.load(f)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in SETTING_FIELDS:
+                raise ValueError(f"{config_file}: unknown setting {key!r}")
+            values[name] = _coerce(name, value)
+    for name in SETTING_FIELDS:
+        env_value = environ.get("DUTSERVER_" + name.upper())
+        if env_value is not None:
+            values[name] = _coerce(name, env_value)
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    positive = ["poll_timeout_s", "submit_timeout_s", "submit_timeout_max_s", "task_expiry_s",
+                "session_idle_s", "session_max_s", "ban_s", "accounts_refresh_s",
+                "sweep_interval_s", "queue_max", "body_max_bytes", "ban_failures",
+                "ban_address_failures"]
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ValueError(f"{name} must be positive")
+    if s.online_grace_s < 0 or s.shutdown_timeout_s < 0:
+        raise ValueError("online_grace_s and shutdown_timeout_s must not be negative")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError("sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA")
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)

@@ -1,0 +1,150 @@
+"""Per-agent queues, parked polls, waiting submitters and online status. Pure asyncio.
+
+Knows nothing of HTTP or SQL: tasks.py decides what a hand-off means and records it; this module
+only makes sure that a queued task meets a waiting poll without a database round trip between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from dutserver.model import Task, TaskState
+
+
+class Poll:
+    """A parked agent long-poll. Its future gets a Task, or None when the poll should end empty."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[Task | None] = loop.create_future()
+
+
+class AgentSlot:
+    __slots__ = ("queue", "polls", "active_polls", "last_poll_end", "last_seen_ms", "address",
+                 "version", "seen_dirty")
+
+    def __init__(self) -> None:
+        self.queue: deque[Task] = deque()
+        self.polls: deque[Poll] = deque()
+        self.active_polls = 0
+        self.last_poll_end = float("-inf")
+        self.last_seen_ms: int | None = None
+        self.address: str | None = None
+        self.version: str | None = None
+        self.seen_dirty = False
+
+
+class Dispatcher:
+    def __init__(self, online_grace_s: float) -> None:
+        self.online_grace_s = online_grace_s
+        self.slots: dict[str, AgentSlot] = {}
+        self.active: dict[int, Task] = {}  # queued or delivered tasks, by id
+        self.closing = False
+
+    def slot(self, agent: str) -> AgentSlot:
+        slot = self.slots.get(agent)
+        if slot is None:
+            slot = self.slots[agent] = AgentSlot()
+        return slot
+
+    def queued(self, agent: str) -> int:
+        slot = self.slots.get(agent)
+        return len(slot.queue) if slot else 0
+
+    def enqueue(self, task: Task) -> None:
+        """Hands task to the oldest parked poll of its agent, or queues it."""
+        self.active[task.id] = task
+        slot = self.slot(task.agent)
+        while slot.polls:
+            poll = slot.polls.popleft()
+            if not poll.future.done():
+                poll.future.set_result(task)
+                return
+        slot.queue.append(task)
+
+    def requeue_front(self, task: Task) -> None:
+        """A task taken by a poll whose connection died before it was sent goes back first."""
+        slot = self.slot(task.agent)
+        while slot.polls:
+            poll = slot.polls.popleft()
+            if not poll.future.done():
+                poll.future.set_result(task)
+                return
+        slot.queue.appendleft(task)
+
+    def take(self, agent: str) -> Task | None:
+        slot = self.slots.get(agent)
+        if slot is None:
+            return None
+        while slot.queue:
+            task = slot.queue.popleft()
+            if task.state is TaskState.QUEUED:
+                return task
+        return None
+
+    def withdraw(self, task: Task) -> None:
+        """Removes a task that is still queued (cancelled or expired) from its queue."""
+        slot = self.slots.get(task.agent)
+        if slot is not None:
+            try:
+                slot.queue.remove(task)
+            except ValueError:
+                pass  # already taken by a poll that has not yet recorded the hand-off
+
+    def forget(self, task: Task) -> None:
+        self.active.pop(task.id, None)
+
+    def park(self, agent: str) -> Poll:
+        poll = Poll(asyncio.get_running_loop())
+        self.slot(agent).polls.append(poll)
+        return poll
+
+    def unpark(self, agent: str, poll: Poll) -> None:
+        slot = self.slots.get(agent)
+        if slot is not None:
+            try:
+                slot.polls.remove(poll)
+            except ValueError:
+                pass
+
+    def poll_started(self, agent: str, address: str | None, version: str | None) -> AgentSlot:
+        slot = self.slot(agent)
+        slot.active_polls += 1
+        self.seen(slot, address, version)
+        return slot
+
+    def poll_ended(self, slot: AgentSlot, dropped: bool) -> None:
+        slot.active_polls -= 1
+        if not dropped:  # a poll whose agent hung up does not keep it online
+            slot.last_poll_end = time.monotonic()
+
+    @staticmethod
+    def seen(slot: AgentSlot, address: str | None, version: str | None) -> None:
+        slot.last_seen_ms = int(time.time() * 1000)
+        slot.address = address
+        if version is not None:
+            slot.version = version
+        slot.seen_dirty = True
+
+    def is_online(self, agent: str) -> bool:
+        slot = self.slots.get(agent)
+        if slot is None:
+            return False
+        if slot.active_polls > 0:
+            return True
+        return time.monotonic() - slot.last_poll_end < self.online_grace_s
+
+    def parked_count(self) -> int:
+        return sum(len(s.polls) for s in self.slots.values())
+
+    def close(self) -> None:
+        """Shutdown: every parked poll ends now, empty; new polls end at once too."""
+        self.closing = True
+        for slot in self.slots.values():
+            while slot.polls:
+                poll = slot.polls.popleft()
+                if not poll.future.done():
+                    poll.future.set_result(None)

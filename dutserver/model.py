@@ -1,0 +1,42 @@
+"""The task as it lives in memory while it is queued or running, and its states."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class TaskState(str, Enum):
+    QUEUED = "queued"        #: stored, waiting for its agent's poll
+    DELIVERED = "delivered"  #: handed to the agent (durably recorded first); result pending
+    DONE = "done"            #: the agent posted a result without "error": true
+    FAILED = "failed"        #: the agent reported an error, or no result came before the deadline
+    CANCELLED = "cancelled"  #: withdrawn before delivery (by an admin, or its submitter left)
+    EXPIRED = "expired"      #: its deadline passed while it was still queued
+
+
+FINAL_STATES = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
+                          TaskState.EXPIRED})
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    id: int
+    agent: str
+    type: str
+    payload: dict[str, Any]
+    submitted_by: str
+    created_ms: int
+    expires_ms: int
+    state: TaskState = TaskState.QUEUED
+    delivered_ms: int | None = None
+    finished_ms: int | None = None
+    result: dict[str, Any] | None = None
+    # The blocking submitter waiting for this task's result, if any.
+    waiter: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+    def wire(self) -> dict[str, Any]:
+        """The task object as the agent receives it."""
+        return {**self.payload, "id": self.id, "type": self.type}

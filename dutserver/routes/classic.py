@@ -1,0 +1,195 @@
+"""PROTOCOL part 1: the classic dutserver endpoints, spoken exactly, with its fixes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.routing import Route
+
+from dutserver import store
+from dutserver.auth import Auth, check_name, check_secret, hash_secret
+from dutserver.errors import ApiError
+from dutserver.routes.common import Endpoint, Reply, Request, ok, raw_json
+from dutserver.tasks import TIMEOUT_MSG, Tasks
+
+EMPTY = Reply(200)
+EMPTY_TASK = raw_json(b"{}")
+
+
+def require_session(req: Request) -> str:
+    """The admin behind a classic session header; 403 as the classic server answers."""
+    user = req.state["auth"].session(req.header(b"authorization"))
+    if user is None:
+        raise ApiError(403, "Invalid or expired session")
+    return user  # type: ignore[no-any-return]
+
+
+def require_agent(req: Request) -> str:
+    return req.state["auth"].agent(req.header(b"authorization"), req.address)  # type: ignore
+
+
+def agent_version(req: Request) -> str | None:
+    """The reference agent says its version in its User-Agent: `dutagent/1.2.3`."""
+    ua = req.header(b"user-agent")
+    return ua[9:].split(" ", 1)[0][:32] if ua and ua.startswith("dutagent/") else None
+
+
+async def login(req: Request) -> Reply:
+    """Log in with user and pass (query, form or JSON body); returns a session token."""
+    fields = await req.fields()
+    token = await req.state["auth"].login(fields.get("user"), fields.get("pass"), req.address)
+    return ok({"msg": "Logged in", "token": token})
+
+
+async def logout(req: Request) -> Reply:
+    """End the session named by the Authorization header."""
+    header = req.header(b"authorization")
+    if not header:
+        raise ApiError(400, "Missing Authorization header")
+    user = req.state["auth"].session(header)
+    if req.state["auth"].logout(header):
+        req.state["store"].audit(user, "logout", "session closed", req.address)
+    return ok({"msg": "Logged out"})
+
+
+async def list_agents(req: Request) -> Reply:
+    """Agent names and their online status."""
+    require_session(req)
+    auth: Auth = req.state["auth"]
+    names = sorted(n for n, a in auth.accounts.items() if a.kind == "agent")
+    online = req.state["dispatcher"].is_online
+    return ok({"agents": names, "online": {n: online(n) for n in names}})
+
+
+async def register_agent(req: Request) -> Reply:
+    """Register an agent (anyone while self-registration is on; an admin session always)."""
+    admin = req.state["auth"].session(req.header(b"authorization"))
+    if admin is None and not await selfreg_enabled(req):
+        raise ApiError(405, "Agents self-registration is disabled")
+    fields = await req.fields()
+    name, secret = fields.get("user"), fields.get("pass")
+    await create_account(req, name, "agent", secret, admin or "self-registration")
+    return EMPTY
+
+
+async def create_account(req: Request, name: Any, kind: str, secret: Any, actor: str) -> None:
+    """Creates an account; never replaces one (409). Shared with the native API."""
+    check_name(name)
+    secret = check_secret(kind, secret)
+    auth: Auth = req.state["auth"]
+    if name in auth.accounts:
+        raise ApiError(409, "Agent already exists" if kind == "agent" else "Account already exists")
+    digest = await _hash(auth, kind, secret)
+
+    def op(conn: Any) -> None:
+        store.account_add(conn, name, kind, digest, store.now_ms())
+    try:
+        await req.state["store"].write(op)
+    except store.AccountExists:
+        raise ApiError(409, "Agent already exists" if kind == "agent"
+                       else "Account already exists") from None
+    await auth.refresh()
+    req.state["store"].audit(actor, "account_create", f"{kind} {name}", req.address)
+
+
+async def _hash(auth: Auth, kind: str, secret: str) -> str:
+    return await asyncio.to_thread(hash_secret, kind, secret, auth.key)
+
+
+async def selfreg_enabled(req: Request) -> bool:
+    return await req.state["store"].read(store.setting_get, "selfreg") == "1"
+
+
+async def get_selfreg(req: Request) -> Reply:
+    """Whether agents may register themselves: text/plain 1 or 0."""
+    require_session(req)
+    return Reply(200, b"1" if await selfreg_enabled(req) else b"0", b"text/plain; charset=utf-8")
+
+
+async def set_selfreg(req: Request) -> Reply:
+    """Switch self-registration on (enabled=1) or off (enabled=0)."""
+    user = require_session(req)
+    fields = await req.fields()
+    value = str(fields.get("enabled", ""))
+    if value not in ("0", "1"):
+        raise ApiError(400, "Missing or invalid enabled parameter: use 1 or 0")
+    await req.state["store"].write(store.setting_write("selfreg", value))
+    req.state["store"].audit(user, "selfreg", "on" if value == "1" else "off", req.address)
+    return EMPTY
+
+
+async def submit_task(req: Request) -> Reply:
+    """Submit a task to one or more agents and wait for the results."""
+    user = require_session(req)
+    settings = req.state["settings"]
+    raw_targets = req.query.get("target")
+    if not raw_targets:
+        raise ApiError(400, "Missing target parameter")
+    targets = raw_targets.split(",")
+    timeout_s = settings.submit_timeout_s
+    if req.query.get("timeout"):
+        try:
+            timeout_s = float(req.query["timeout"])
+        except ValueError:
+            raise ApiError(400, "Invalid timeout parameter: not a number") from None
+        if not timeout_s > 0:
+            raise ApiError(400, "Invalid timeout parameter: must be above 0")
+        timeout_s = min(timeout_s, settings.submit_timeout_max_s)
+    body = await req.json()
+    tasks: Tasks = req.state["tasks"]
+    results = await tasks.submit_and_wait(targets, body, user, timeout_s, req.gone(), req.address)
+    if len(targets) == 1:
+        if results[0] is None:
+            raise ApiError(504, TIMEOUT_MSG)
+        return raw_json(json.dumps(results[0]).encode())
+    combined = [{**r, "target": t} if r is not None else
+                {"error": True, "msg": TIMEOUT_MSG, "target": t}
+                for t, r in zip(targets, results)]
+    return ok({"results": combined})
+
+
+async def poll_task(req: Request) -> Reply:
+    """The agent's long-poll: the oldest queued task, or {} when the poll times out."""
+    agent = require_agent(req)
+    dispatcher = req.state["dispatcher"]
+    slot = dispatcher.poll_started(agent, req.address, agent_version(req))
+    gone = req.gone()
+    task = None
+    try:
+        task = await req.state["tasks"].next_for(agent, gone)
+    finally:
+        dispatcher.poll_ended(slot, dropped=gone.done() and task is None)
+    if task is None:
+        return EMPTY_TASK
+    return raw_json(json.dumps(task.wire()).encode())
+
+
+async def post_result(req: Request) -> Reply:
+    """The agent posts the result of task `id`."""
+    agent = require_agent(req)
+    raw_id = req.query.get("id", "")
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise ApiError(400, "Missing or invalid id parameter")
+    result = await req.json()
+    dispatcher = req.state["dispatcher"]
+    dispatcher.seen(dispatcher.slot(agent), req.address, agent_version(req))
+    await req.state["tasks"].record_result(agent, int(raw_id), result)
+    return EMPTY
+
+
+def routes() -> list[Route]:
+    tasks = Endpoint({"GET": poll_task, "POST": submit_task})
+    results = Endpoint({"POST": post_result})
+    selfreg = Endpoint({"GET": get_selfreg, "POST": set_selfreg})
+    return [
+        Route("/tasks", tasks),
+        Route("/tasks_result", results),
+        Route("/task_result", results),
+        Route("/login", Endpoint({"GET": login, "POST": login}, public=True)),
+        Route("/logout", Endpoint({m: logout for m in ("GET", "POST", "PUT", "DELETE")})),
+        Route("/agents", Endpoint({"GET": list_agents, "POST": register_agent}, public=True)),
+        Route("/agent_selfreg", selfreg),
+        Route("/agents_selfreg", selfreg),
+    ]

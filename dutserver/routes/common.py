@@ -1,0 +1,272 @@
+"""A thin request/reply layer over raw ASGI, shared by every route module.
+
+Starlette routes requests here, but the handlers speak raw ASGI: the hot path (polls, submits,
+results) must cost less than a hello-world request through a full framework stack, and long
+polls must watch for `http.disconnect` themselves (uvicorn does not cancel a handler whose
+client went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from dutserver.errors import ApiError
+
+log = logging.getLogger("dutserver.http")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_TYPE = (b"content-type", b"application/json")
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+     b"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+     b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class Reply:
+    """What a handler answers: status, body bytes, content type and extra headers."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int = 200, body: bytes = b"", content_type: bytes = b"",
+                 headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+def ok(obj: dict[str, Any] | None = None, status: int = 200) -> Reply:
+    """A JSON answer with "error": false first, as every successful API answer carries."""
+    body = {"error": False}
+    if obj:
+        body.update(obj)
+    return Reply(status, json.dumps(body).encode(), b"application/json")
+
+
+def raw_json(data: bytes, status: int = 200) -> Reply:
+    return Reply(status, data, b"application/json")
+
+
+class Request:
+    __slots__ = ("scope", "receive", "_query", "_watcher")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self._query: dict[str, str] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.scope["state"]  # type: ignore[no-any-return]
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]  # type: ignore[no-any-return]
+
+    @property
+    def address(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else "unknown"
+
+    @property
+    def path_params(self) -> dict[str, Any]:
+        return self.scope.get("path_params", {})  # type: ignore[no-any-return]
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return value.decode("latin-1")  # type: ignore[no-any-return]
+        return None
+
+    @property
+    def query(self) -> dict[str, str]:
+        if self._query is None:
+            q: dict[str, str] = {}
+            for key, value in parse_qsl(self.scope["query_string"].decode("latin-1"),
+                                        keep_blank_values=True):
+                q.setdefault(key, value)  # the first of repeated parameters counts
+            self._query = q
+        return self._query
+
+    async def body(self) -> bytes:
+        """The whole body, refused with 413 past the configured limit (checked as it arrives)."""
+        limit = self.state["settings"].body_max_bytes
+        declared = self.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"Request body too large (limit {limit} bytes)")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "Client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"Request body too large (limit {limit} bytes)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def json(self) -> Any:
+        data = await self.body()
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ApiError(400, "Invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise ApiError(400, f"Invalid JSON: {exc}") from None
+
+    async def json_object(self, what: str = "body") -> dict[str, Any]:
+        value = await self.json()
+        if not isinstance(value, dict):
+            raise ApiError(400, f"Invalid JSON: the {what} must be a JSON object")
+        return value
+
+    async def fields(self) -> dict[str, Any]:
+        """Query parameters, overlaid by a form or JSON object body (for /login, /agents)."""
+        values: dict[str, Any] = dict(self.query)
+        if self.method in ("GET", "HEAD"):
+            return values
+        data = await self.body()
+        if not data.strip():
+            return values
+        if data.lstrip()[:1] == b"{":
+            try:
+                body = json.loads(data)
+            except (ValueError, RecursionError):
+                raise ApiError(400, "Invalid JSON: the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "Invalid JSON: the body must be a JSON object")
+            values.update(body)
+        else:
+            for key, value in parse_qsl(data.decode("utf-8", "replace"), keep_blank_values=True):
+                values.setdefault(key, value)
+        return values
+
+    def gone(self) -> asyncio.Future[None]:
+        """A future that resolves when the client disconnects (call after reading the body)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        async def watch() -> None:
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+
+        def settle(_: object) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._watcher = loop.create_task(watch())
+        self._watcher.add_done_callback(settle)
+        return fut
+
+    def finish(self) -> None:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class Endpoint:
+    """One path's handlers by method, as a raw ASGI app (Starlette treats it as such)."""
+
+    def __init__(self, handlers: dict[str, Handler], public: bool = False) -> None:
+        self.handlers = dict(handlers)
+        if "GET" in self.handlers and "HEAD" not in self.handlers:
+            self.handlers["HEAD"] = self.handlers["GET"]
+        self.public = public
+        self._allow = ", ".join(m for m in self.handlers if m != "HEAD")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.handlers.get(scope["method"])
+        req = Request(scope, receive)
+        try:
+            if handler is None:
+                raise ApiError(405, f"Method {scope['method']} not allowed; use {self._allow}",
+                               {"Allow": self._allow})
+            reply = await handler(req)
+        except ApiError as exc:
+            log.info("%s %s -> %d %s (from %s)", scope["method"], scope["path"], exc.status,
+                     exc.msg, req.address)
+            reply = Reply(exc.status, exc.body(), b"application/json", exc.headers or None)
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            reply = Reply(500, b'{"error": true, "msg": "Internal server error"}',
+                          b"application/json")
+        finally:
+            req.finish()
+        await send_reply(send, reply, head=scope["method"] == "HEAD")
+
+
+async def send_reply(send: Send, reply: Reply, head: bool = False) -> None:
+    headers = [(b"content-length", str(len(reply.body)).encode())]
+    if reply.content_type:
+        headers.append((b"content-type", reply.content_type))
+    if reply.headers:
+        headers.extend((k.lower().encode(), v.encode()) for k, v in reply.headers.items())
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else reply.body})
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response, whoever produced it."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def int_param(req: Request, name: str, default: int | None = None, minimum: int = 0,
+              maximum: int | None = None) -> int | None:
+    raw = req.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"Invalid {name} parameter: not an integer") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and {maximum}" if maximum is not None else ""
+        raise ApiError(400, f"Invalid {name} parameter: must be between {minimum}{upper}")
+    return value
+
+
+def float_param(req: Request, name: str, default: float, maximum: float) -> float:
+    raw = req.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"Invalid {name} parameter: not a number") from None
+    if not (0 < value <= maximum):  # also refuses nan and inf
+        raise ApiError(400, f"Invalid {name} parameter: must be above 0 and at most {maximum:g}")
+    return value

@@ -1,0 +1,381 @@
+"""The only module with SQL: schema and migrations, accounts, sessions, tasks, agents, audit.
+
+The sync functions take a sqlite3.Connection so that the command line (its own process) and the
+server's writer thread share them. The server reaches the database through `Store`: writes go
+through the group-commit writer, reads run on a reader thread with its own connection (WAL lets
+them run while the writer commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dutserver.writer import GroupCommitWriter, Op
+
+T = TypeVar("T")
+
+# Numbered migrations, applied in order at start; PRAGMA user_version records how far we got.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE accounts (
+        name TEXT PRIMARY KEY,
+        type TEXT NOT NULL CHECK (type IN ('admin', 'agent')),
+        secret_hash TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE sessions (
+        digest TEXT PRIMARY KEY,
+        account TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        last_used_ms INTEGER NOT NULL
+    );
+    CREATE INDEX sessions_account ON sessions (account);
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        submitted_by TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        delivered_ms INTEGER,
+        finished_ms INTEGER,
+        result TEXT
+    );
+    CREATE INDEX tasks_agent ON tasks (agent, id);
+    CREATE INDEX tasks_state ON tasks (state, id);
+    CREATE INDEX tasks_submitter ON tasks (submitted_by, id);
+    CREATE TABLE agents (
+        name TEXT PRIMARY KEY,
+        last_seen_ms INTEGER,
+        address TEXT,
+        agent_version TEXT,
+        inventory TEXT
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        actor TEXT,
+        action TEXT NOT NULL,
+        detail TEXT,
+        address TEXT
+    );
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO settings VALUES ('selfreg', '0'), ('accounts_rev', '0');
+    """,
+]
+
+TASK_COLUMNS = ("id", "agent", "type", "payload", "state", "submitted_by", "created_ms",
+                "expires_ms", "delivered_ms", "finished_ms", "result")
+_TASK_SELECT = "SELECT " + ", ".join(TASK_COLUMNS) + " FROM tasks"
+
+
+class AccountExists(Exception):
+    pass
+
+
+def connect(path: Path | str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """Opens (creating if needed) the database in WAL mode with the schema up to date."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= len(MIGRATIONS):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the lock: another process may have migrated meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number in range(version, len(MIGRATIONS)):
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+# --- accounts (shared by the command line and the server) -----------------------------------
+
+def account_add(conn: sqlite3.Connection, name: str, kind: str, secret_hash: str,
+                now_ms: int) -> None:
+    try:
+        conn.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?)",
+                     (name, kind, secret_hash, now_ms, now_ms))
+    except sqlite3.IntegrityError as exc:
+        raise AccountExists(name) from exc
+    _bump_accounts_rev(conn)
+
+
+def account_set_secret(conn: sqlite3.Connection, name: str, secret_hash: str, now_ms: int) -> bool:
+    cur = conn.execute("UPDATE accounts SET secret_hash = ?, updated_ms = ? WHERE name = ?",
+                       (secret_hash, now_ms, name))
+    if cur.rowcount:
+        conn.execute("DELETE FROM sessions WHERE account = ?", (name,))
+        _bump_accounts_rev(conn)
+    return cur.rowcount > 0
+
+
+def account_remove(conn: sqlite3.Connection, name: str) -> bool:
+    cur = conn.execute("DELETE FROM accounts WHERE name = ?", (name,))
+    if cur.rowcount:
+        conn.execute("DELETE FROM sessions WHERE account = ?", (name,))
+        _bump_accounts_rev(conn)
+    return cur.rowcount > 0
+
+
+def account_get(conn: sqlite3.Connection, name: str) -> tuple[str, str, str] | None:
+    row = conn.execute("SELECT name, type, secret_hash FROM accounts WHERE name = ?",
+                       (name,)).fetchone()
+    return tuple(row) if row else None  # type: ignore[return-value]
+
+
+def accounts_all(conn: sqlite3.Connection) -> list[tuple[str, str, str, int, int]]:
+    return conn.execute("SELECT name, type, secret_hash, created_ms, updated_ms FROM accounts "
+                        "ORDER BY name").fetchall()
+
+
+def accounts_rev(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT value FROM settings WHERE key = 'accounts_rev'").fetchone()[0])
+
+
+def _bump_accounts_rev(conn: sqlite3.Connection) -> None:
+    # The running server polls this number to see changes made by the command line.
+    conn.execute("UPDATE settings SET value = CAST(value AS INTEGER) + 1 "
+                 "WHERE key = 'accounts_rev'")
+
+
+def setting_get(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def setting_set(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                 "excluded.value", (key, value))
+
+
+# --- the server's view ----------------------------------------------------------------------
+
+class Store:
+    """The database as the server uses it: group-committed writes, reads on a reader thread."""
+
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self.writer = GroupCommitWriter(lambda: connect(path, synchronous))
+        self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-reader")
+        self._reader: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._reader = await asyncio.get_running_loop().run_in_executor(
+            self._reader_pool, connect, self.path, self._synchronous)
+        self.writer.start()
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+        if self._reader is not None:
+            self._reader_pool.submit(self._reader.close).result()
+        self._reader_pool.shutdown()
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn(connection, *args) on the reader thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader_pool, fn, self._reader, *args)
+
+    def write(self, op: Op) -> asyncio.Future[Any]:
+        return self.writer.write(op)
+
+    def write_nowait(self, op: Op) -> None:
+        self.writer.write_nowait(op)
+
+    async def barrier(self) -> None:
+        await self.writer.barrier()
+
+    def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
+        """Records an audit event; nobody waits for it, but it lands in the next batch."""
+        self.writer.write_nowait(audit_insert(now_ms(), actor, action, detail, address))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+def tasks_insert(rows: Sequence[tuple[Any, ...]]) -> Op:
+    """rows: (id, agent, type, payload_json, state, submitted_by, created_ms, expires_ms)."""
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany("INSERT INTO tasks (id, agent, type, payload, state, submitted_by, "
+                         "created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    return op
+
+
+def task_delivered(task_id: int, at_ms: int) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE tasks SET state = 'delivered', delivered_ms = ? WHERE id = ?",
+                     (at_ms, task_id))
+    return op
+
+
+def task_requeued(task_id: int) -> Op:
+    """Undoes a hand-off that was recorded but never sent (the agent hung up meanwhile)."""
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE tasks SET state = 'queued', delivered_ms = NULL WHERE id = ?",
+                     (task_id,))
+    return op
+
+
+def task_closed(task_id: int, state: str, at_ms: int, result_json: str | None) -> Op:
+    """Final state: done, failed, cancelled or expired."""
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE tasks SET state = ?, finished_ms = ?, result = ? WHERE id = ?",
+                     (state, at_ms, result_json, task_id))
+    return op
+
+
+def tasks_closed(rows: Iterable[tuple[str, int, str | None, int]]) -> Op:
+    """Many final states at once: (state, at_ms, result_json, id)."""
+    rows = list(rows)
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany("UPDATE tasks SET state = ?, finished_ms = ?, result = ? WHERE id = ?",
+                         rows)
+    return op
+
+
+def task_row(conn: sqlite3.Connection, task_id: int) -> dict[str, Any] | None:
+    row = conn.execute(_TASK_SELECT + " WHERE id = ?", (task_id,)).fetchone()
+    return dict(zip(TASK_COLUMNS, row)) if row else None
+
+
+def task_rows(conn: sqlite3.Connection, target: str | None, state: str | None,
+              submitted_by: str | None, before_id: int | None, ids: list[int] | None,
+              limit: int) -> list[dict[str, Any]]:
+    where, args = [], []  # type: list[str], list[Any]
+    for column, value in (("agent", target), ("state", state), ("submitted_by", submitted_by)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if before_id is not None:
+        where.append("id < ?")
+        args.append(before_id)
+    if ids is not None:
+        where.append(f"id IN ({','.join('?' * len(ids))})")
+        args.extend(ids)
+    sql = _TASK_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+    return [dict(zip(TASK_COLUMNS, row)) for row in rows]
+
+
+def tasks_recover(conn: sqlite3.Connection, now_ms: int) -> tuple[int, list[dict[str, Any]]]:
+    """At start-up: delivered tasks without a result fail; returns (next id, queued tasks)."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE tasks SET state = 'failed', finished_ms = ?, result = ? "
+                 "WHERE state = 'delivered'",
+                 (now_ms, json.dumps({"error": True, "msg": "no result"})))
+    conn.execute("UPDATE tasks SET state = 'expired', finished_ms = ? "
+                 "WHERE state = 'queued' AND expires_ms <= ?", (now_ms, now_ms))
+    conn.execute("COMMIT")
+    rows = conn.execute(_TASK_SELECT + " WHERE state = 'queued' ORDER BY id").fetchall()
+    # AUTOINCREMENT's sequence remembers the highest id ever used, even of deleted rows.
+    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+    top = conn.execute("SELECT max(id) FROM tasks").fetchone()[0]
+    next_id = max(seq[0] if seq else 0, top or 0) + 1
+    return next_id, [dict(zip(TASK_COLUMNS, row)) for row in rows]
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+def session_insert(digest: str, account: str, now_ms: int) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (digest, account, now_ms, now_ms))
+    return op
+
+
+def session_delete(digest: str) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM sessions WHERE digest = ?", (digest,))
+    return op
+
+
+def sessions_touch(rows: list[tuple[int, str]]) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany("UPDATE sessions SET last_used_ms = ? WHERE digest = ?", rows)
+    return op
+
+
+def sessions_all(conn: sqlite3.Connection) -> list[tuple[str, str, int, int]]:
+    return conn.execute("SELECT digest, account, created_ms, last_used_ms FROM sessions").fetchall()
+
+
+# --- agents' status -------------------------------------------------------------------------
+
+def agents_seen(rows: list[tuple[str, int, str | None, str | None]]) -> Op:
+    """(name, last_seen_ms, address, version), written in batches by the sweeper."""
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO agents (name, last_seen_ms, address, agent_version) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, "
+            "address = excluded.address, "
+            "agent_version = coalesce(excluded.agent_version, agents.agent_version)", rows)
+    return op
+
+
+def agent_inventory(name: str, inventory_json: str) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO agents (name, inventory) VALUES (?, ?) ON CONFLICT (name) "
+                     "DO UPDATE SET inventory = excluded.inventory", (name, inventory_json))
+    return op
+
+
+def agent_rows(conn: sqlite3.Connection, with_inventory: bool,
+               name: str | None = None) -> list[tuple[Any, ...]]:
+    inventory = "s.inventory" if with_inventory else "NULL"
+    sql = f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory} "
+    sql += "FROM accounts a LEFT JOIN agents s ON s.name = a.name WHERE a.type = 'agent'"
+    if name is not None:
+        return conn.execute(sql + " AND a.name = ?", (name,)).fetchall()
+    return conn.execute(sql + " ORDER BY a.name").fetchall()
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+def audit_insert(at_ms: int, actor: str | None, action: str, detail: str,
+                 address: str | None) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO audit (at_ms, actor, action, detail, address) "
+                     "VALUES (?, ?, ?, ?, ?)", (at_ms, actor, action, detail, address))
+    return op
+
+
+def audit_rows(conn: sqlite3.Connection, before_id: int | None,
+               limit: int) -> list[tuple[Any, ...]]:
+    sql = "SELECT id, at_ms, actor, action, detail, address FROM audit"
+    if before_id is not None:
+        return conn.execute(sql + " WHERE id < ? ORDER BY id DESC LIMIT ?",
+                            (before_id, limit)).fetchall()
+    return conn.execute(sql + " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+
+def setting_write(key: str, value: str) -> Op:
+    def op(conn: sqlite3.Connection) -> None:
+        setting_set(conn, key, value)
+    return op

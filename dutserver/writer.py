@@ -1,0 +1,132 @@
+"""Group commit: one thread owns the write connection and commits whatever queued up meanwhile.
+
+A writer op is a function of a sqlite3.Connection. Ops queued while the previous batch was
+committing go into the next transaction together, so a burst of N submits costs one commit, not N,
+and a request that must be durable waits for its batch's commit, not for a commit of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("dutserver.store")
+
+Op = Callable[[sqlite3.Connection], Any]
+_STOP = object()
+_MAX_BATCH = 2000
+
+
+class GroupCommitWriter:
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0  # batches committed; read by tests and the bench to see the batching
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="dutserver-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, op: Op) -> asyncio.Future[Any]:
+        """Queues op; the future resolves with its return value once its batch is committed."""
+        assert self._loop is not None, "writer not started"
+        fut = self._loop.create_future()
+        self._queue.put((op, fut))
+        return fut
+
+    def write_nowait(self, op: Op) -> None:
+        """Queues op without anyone waiting for it (status updates, audit events)."""
+        self._queue.put((op, None))
+
+    async def barrier(self) -> None:
+        """Waits until everything queued before this call is committed (read-your-writes)."""
+        await self.write(_noop)
+
+    def stop(self) -> None:
+        """Commits what is queued, then ends the thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, Any]]) -> None:
+        outcomes: list[tuple[Any, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, fut in batch:
+                outcomes.append((fut, op(conn), None))
+            conn.execute("COMMIT")
+        except Exception:
+            # Optimistic batching failed: roll back and run each op in its own transaction,
+            # so that one bad op fails alone and the others still land.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [self._commit_one(conn, op, fut) for op, fut in batch]
+        self.commits += 1
+        waited = [o for o in outcomes if o[0] is not None]
+        for fut, _, exc in outcomes:
+            if exc is not None and fut is None:  # nobody waits for it, so say it here
+                log.error("background write failed: %s", exc)
+        if waited and self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(_resolve, waited)
+            except RuntimeError:  # loop closed between the check and the call
+                pass
+
+    @staticmethod
+    def _commit_one(conn: sqlite3.Connection, op: Op, fut: Any) -> tuple[Any, Any, BaseException | None]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            value = op(conn)
+            conn.execute("COMMIT")
+            return fut, value, None
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return fut, None, exc
+
+
+def _noop(conn: sqlite3.Connection) -> None:
+    return None
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, exc in outcomes:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)

@@ -1,0 +1,151 @@
+"""Helpers shared by the test modules: real servers on free ports, real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ADMIN = ("admin", "adminpass1")
+
+# Short timeouts so tests run in milliseconds, not in the defaults' seconds.
+FAST_ARGS = [
+    "--poll-timeout-s", "1",
+    "--online-grace-s", "0.3",
+    "--submit-timeout-s", "5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.01) -> Any:
+    """Polls predicate until it returns something truthy; fails the test on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s: {predicate}")
+        time.sleep(interval_s)
+
+
+def cli(*args: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m dutserver ARGS…` as a subprocess."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "dutserver", *args],
+        input=stdin, capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dutserver {args} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """A bare HTTP call with the standard library: (status, headers, body). Never raises on 4xx/5xx."""
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@dataclass
+class RunningServer:
+    """A real `dutserver server PORT DBFILE` subprocess."""
+
+    db: Path
+    args: list[str] = field(default_factory=list)
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def start(self, port: int | None = None) -> "RunningServer":
+        self.port = port or self.port or free_port()
+        self.log = self.db.with_suffix(".log")
+        logf = open(self.log, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "dutserver", "server", str(self.port), str(self.db), *self.args],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+        )
+        logf.close()
+        wait_until(self._ready, timeout_s=15)
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.output()}")
+        try:
+            ctx = None
+            if self.scheme == "https":
+                import ssl
+                ctx = ssl._create_unverified_context()
+            with urllib.request.urlopen(self.url + "/readyz", timeout=1, context=ctx) as r:
+                return r.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def add_account(self, name: str, kind: str, password: str) -> None:
+        cli("addaccount", str(self.db), name, kind, stdin=password + "\n")
+
+    def login(self, user: str = ADMIN[0], password: str = ADMIN[1]) -> str:
+        status, _, body = http("GET", f"{self.url}/login?user={user}&pass={password}")
+        assert status == 200, body
+        return str(json.loads(body)["token"])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("server did not stop in time")
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> "RunningServer":
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        return self.start()
+
+
+def start_server(tmp_path: Path, *args: str, admin: bool = True) -> RunningServer:
+    """Starts a server on a fresh database with an admin account ADMIN and fast timeouts."""
+    db = tmp_path / "dut.db"
+    if admin:
+        cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
+    return RunningServer(db=db, args=[*FAST_ARGS, *args]).start()
