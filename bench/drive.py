@@ -1,0 +1,133 @@
+"""Load shapes: a closed loop (as fast as the server answers) and an open loop (a fixed arrival rate)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from bench.actors import TRANSIENT
+from bench.loadgen import Connection, Stats, Window, error_kind
+from bench.servers import CLOCK_TICKS, GENERATOR_CORE, SERVER_CORE, proc_cpu_s
+
+# One request (or exchange) on a connection: None when it went as expected, else an error kind.
+Call = Callable[[Connection], Awaitable[str | None]]
+
+
+async def _timed(conn: Connection, call: Call) -> str | None:
+    try:
+        return await call(conn)
+    except TRANSIENT as e:
+        return error_kind(e)
+    except ValueError as e:  # a body that is not the JSON it should be
+        return error_kind(e)
+
+
+async def closed_loop(conns: Sequence[Connection], call: Call, window: Window) -> Stats:
+    """Each connection sends its next request as soon as the previous one is answered."""
+    stats = Stats()
+
+    async def worker(conn: Connection) -> None:
+        while True:
+            sent = time.monotonic()
+            if sent >= window.end:
+                return
+            err = await _timed(conn, call)
+            if window.counts(sent):
+                if err is None:
+                    stats.ok(time.monotonic() - sent)
+                else:
+                    stats.error(err)
+            if err is not None:
+                await asyncio.sleep(0.01)  # a failing server must not turn this into a busy loop
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    return stats
+
+
+async def open_loop(conns: Sequence[Connection], call: Call, rate_per_s: float, window: Window,
+                    seed: int = 1) -> Stats:
+    """Requests arrive as a Poisson process of `rate_per_s`, whatever the server's speed.
+
+    Latency runs from the scheduled arrival, not from the send, so a request that waited for a
+    free connection counts its wait (no coordinated omission)."""
+    rng = random.Random(seed)
+    schedule: deque[float] = deque()
+    t = time.monotonic()
+    while t < window.end:
+        t += rng.expovariate(rate_per_s)
+        schedule.append(t)
+    stats = Stats()
+
+    async def worker(conn: Connection) -> None:
+        while schedule:
+            due = schedule.popleft()
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            err = await _timed(conn, call)
+            if window.counts(due):
+                if err is None:
+                    stats.ok(time.monotonic() - due)
+                else:
+                    stats.error(err)
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    return stats
+
+
+def _core_busy_s() -> dict[int, float]:
+    """Busy CPU seconds per core since boot, from /proc/stat (all processes)."""
+    busy: dict[int, float] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
+                busy[int(name[3:])] = (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+    return busy
+
+
+class CpuMeter:
+    """CPU use inside a window, in fractions of one core: the server's, this generator's, and
+    everything else's on each of the two cores. Other load on the machine skews every figure,
+    so it is reported next to them rather than guessed at."""
+
+    def __init__(self, server_pid: int | None, window: Window) -> None:
+        self.server_pid = server_pid
+        self.window = window
+        self.result: dict[str, Any] = {}
+        self._task = asyncio.create_task(self._measure())
+
+    async def _measure(self) -> None:
+        await asyncio.sleep(max(0.0, self.window.start - time.monotonic()))
+        t0, gen0, cores0 = time.monotonic(), time.process_time(), _core_busy_s()
+        srv0 = proc_cpu_s(self.server_pid) if self.server_pid else 0.0
+        await asyncio.sleep(max(0.0, self.window.end - time.monotonic()))
+        wall = time.monotonic() - t0
+        gen = (time.process_time() - gen0) / wall
+        srv = (proc_cpu_s(self.server_pid) - srv0) / wall if self.server_pid else 0.0
+        cores1 = _core_busy_s()
+        busy = {c: (cores1[c] - cores0.get(c, 0.0)) / wall for c in cores1}
+        self.result["generator_cpu"] = round(gen, 2)
+        if self.server_pid:
+            self.result["server_cpu"] = round(srv, 2)
+        if self.server_pid and SERVER_CORE in busy and GENERATOR_CORE in busy:
+            # Softirq work for loopback traffic lands on either core, so small values are noise.
+            self.result["other_load"] = {
+                "server_core": round(max(0.0, busy[SERVER_CORE] - srv), 2),
+                "generator_core": round(max(0.0, busy[GENERATOR_CORE] - gen), 2),
+            }
+
+    async def done(self) -> dict[str, Any]:
+        await self._task
+        return self.result
+
+
+def ratio(value: float | None, calibrate_per_s: float | None) -> float | None:
+    if value is None or not calibrate_per_s:
+        return None
+    return round(value / calibrate_per_s, 3)

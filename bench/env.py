@@ -1,0 +1,101 @@
+"""What every scenario gets: the server to measure (ours, or any dutserver-compatible URL) and the
+calibration figure to relate its throughput to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from bench.actors import (
+    AgentFleet,
+    BenchError,
+    Credentials,
+    create_agents,
+    login,
+    online_agents,
+    unique_prefix,
+)
+from bench.loadgen import Connection, Target
+from bench.servers import BENCH_ADMIN, ServerProcess, dutserver, workdir
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; stdout carries only the JSON lines."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Env:
+    url: str | None = None  # an external server; None starts a fresh dutserver per scenario
+    admin: tuple[str, str] = BENCH_ADMIN
+    classic_agents: bool = False  # agents send `Authorization: name:secret` and post to /task_result
+    server_args: list[str] = field(default_factory=list)  # extra flags for our dutserver
+    calibrate_per_s: float | None = None
+    keep_workdir: bool = False
+
+    @property
+    def external(self) -> bool:
+        return self.url is not None
+
+    @contextlib.asynccontextmanager
+    async def server(self, *extra_args: str) -> AsyncIterator[Handle]:
+        """A server for one scenario: a fresh dutserver on its core, or the external URL."""
+        if self.url is not None:
+            yield Handle(self, Target.from_url(self.url), None)
+            return
+        tmp = workdir()
+        proc = dutserver(tmp, *self.server_args, *extra_args)
+        try:
+            await proc.start()
+            yield Handle(self, proc.target, proc)
+        finally:
+            if proc.running:
+                await proc.stop()
+            if not self.keep_workdir:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                log(f"kept {tmp}")
+
+
+@dataclass
+class Handle:
+    env: Env
+    target: Target
+    process: ServerProcess | None  # None for an external server: no restart, no RSS
+
+    async def token(self) -> str:
+        return await login(self.target, *self.env.admin)
+
+    async def agents(self, count: int) -> list[Credentials]:
+        prefix = unique_prefix()
+        names = [f"{prefix}{i}" for i in range(count)]
+        return await create_agents(self.target, await self.token(), names)
+
+    async def wait_online(self, creds: list[Credentials], timeout_s: float,
+                          interval_s: float = 0.2) -> float:
+        """Waits until the server reports all these agents online; returns the seconds it took."""
+        names = {c.name for c in creds}
+        conn = Connection(self.target, {"Authorization": await self.token()})
+        start = time.monotonic()
+        try:
+            while True:
+                seen = await online_agents(conn, names)
+                if seen >= len(names):
+                    return time.monotonic() - start
+                if time.monotonic() - start > timeout_s:
+                    raise BenchError(f"only {seen} of {len(names)} agents online after {timeout_s} s")
+                await asyncio.sleep(interval_s)
+        finally:
+            conn.close()
+
+    def fleet(self, creds: list[Credentials], **kwargs: object) -> AgentFleet:
+        return AgentFleet(self.target, creds, classic_auth=self.env.classic_agents, **kwargs)
+
+
+def skipped(scenario: str, why: str) -> dict[str, object]:
+    return {"scenario": scenario, "skipped": why}

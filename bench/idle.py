@@ -1,0 +1,118 @@
+"""Scenario 3: N agents parked in long-polls — server memory per agent, then the restart herd."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.actors import TRANSIENT, AgentFleet, BenchError, online_agents
+from bench.drive import ratio
+from bench.env import Env, Handle, log
+from bench.loadgen import Connection
+
+
+@dataclass
+class IdleSizes:
+    agents: int = 2000
+    settle_s: float = 1.0  # after parking, before reading RSS: lets allocations level out
+    herd_timeout_s: float = 120.0
+
+
+async def wait_parked(srv: Handle, fleet: AgentFleet, since: float, timeout_s: float,
+                      poll_s: float = 0.1) -> float:
+    """Waits until every agent has a poll sent after `since` and still open, and the server reports
+    them all online; returns the monotonic time that was first true.
+
+    The generator's own view is checked first because it costs the server nothing; the server's
+    `GET /agents` (with all N names) is asked only once the generator sees all polls out."""
+    names = {a.cred.name for a in fleet.agents}
+    n = len(names)
+    deadline = time.monotonic() + timeout_s
+    conn: Connection | None = None
+    try:
+        while time.monotonic() < deadline:
+            if fleet.counters.parked >= n and fleet.all_polled_since(since):
+                try:
+                    if conn is None:
+                        conn = Connection(srv.target, {"Authorization": await srv.token()})
+                    if await online_agents(conn, names) >= n:
+                        return time.monotonic()
+                except TRANSIENT:
+                    conn = None  # the server is still coming up: ask again
+            await asyncio.sleep(poll_s)
+    finally:
+        if conn is not None:
+            conn.close()
+    raise BenchError(f"not all {n} agents parked within {timeout_s} s "
+                     f"(generator sees {fleet.counters.parked} polls open)")
+
+
+async def idle(env: Env, sizes: IdleSizes) -> dict[str, Any]:
+    n = sizes.agents
+    async with env.server() as srv:
+        log(f"idle: creating {n} agent accounts")
+        t0 = time.monotonic()
+        creds = await srv.agents(n)
+        create_s = time.monotonic() - t0
+        proc = srv.process
+        rss_before_kb = proc.rss_kb() if proc else None
+
+        fleet = srv.fleet(creds)
+        log(f"idle: parking {n} agents")
+        t0 = time.monotonic()
+        fleet.start()
+        try:
+            park_s = await wait_parked(srv, fleet, t0, sizes.herd_timeout_s) - t0
+            await asyncio.sleep(sizes.settle_s)
+            rss_after_kb = proc.rss_kb() if proc else None
+            result: dict[str, Any] = {
+                "scenario": "idle", "agents": n,
+                "accounts_created_per_s": round(n / create_s, 1),
+                "first_park_s": round(park_s, 3),
+            }
+            if proc is not None and rss_before_kb is not None and rss_after_kb is not None:
+                per_agent_kb = (rss_after_kb - rss_before_kb) / n
+                result |= {
+                    "rss_before_mb": round(rss_before_kb / 1024, 1),
+                    "rss_parked_mb": round(rss_after_kb / 1024, 1),
+                    "rss_per_agent_kb": round(per_agent_kb, 2),
+                }
+                log(f"idle: {per_agent_kb:.1f} KB per parked agent; restarting the server")
+                result |= await _restart_herd(srv, fleet, sizes, env.calibrate_per_s)
+            else:
+                result["restart"] = "skipped: the server is not ours to restart (external URL)"
+        finally:
+            await fleet.stop()
+    result["agent_errors"] = dict(fleet.counters.errors)
+    result["targets"] = {
+        "<= 40 KB per agent": (None if "rss_per_agent_kb" not in result
+                               else result["rss_per_agent_kb"] <= 40),
+        "all parked again within 10 s": (None if "herd_s" not in result
+                                         else result["herd_s"] <= 10),
+    }
+    return result
+
+
+async def _restart_herd(srv: Handle, fleet: AgentFleet, sizes: IdleSizes,
+                        calibrate_per_s: float | None) -> dict[str, Any]:
+    """A graceful stop (SIGTERM) with every agent parked, then a start on the same port and
+    database: seconds until all agents are parked again, counted from the new spawn."""
+    proc = srv.process
+    assert proc is not None
+    t0 = time.monotonic()
+    await proc.stop()
+    stop_s = time.monotonic() - t0
+    ready_s = await proc.start()
+    spawned = proc.started_at
+    herd_s = await wait_parked(srv, fleet, spawned, sizes.herd_timeout_s) - spawned
+    rss_kb = proc.rss_kb()
+    return {
+        "stop_s": round(stop_s, 3),
+        "restart_ready_s": round(ready_s, 3),
+        "herd_s": round(herd_s, 3),
+        "herd_agents_per_s": round(sizes.agents / herd_s, 1),
+        "herd_ratio": ratio(sizes.agents / herd_s, calibrate_per_s),
+        "rss_after_herd_mb": round(rss_kb / 1024, 1),
+    }
