@@ -1,0 +1,1119 @@
+#!/usr/bin/env python3
+"""dutctl: the terminal client of dutserver, for administrators and scripts.
+
+One file, standard library only (Python >= 3.9), so it can be copied anywhere.
+
+    dutctl login URL --user NAME          password on stdin (prompted without echo on a terminal)
+    dutctl agents                         name, online, last seen, version
+    dutctl run TARGETS -- COMMAND         run a shell command, wait for the results, summarise them
+    dutctl task TYPE TARGETS key=value …  any task type
+    dutctl history [ID]                   past tasks, newest first, or one task in full
+    dutctl selfreg [on|off]               agent self-registration switch
+    dutctl logout
+
+TARGETS: agent names, a comma list, `group:PREFIX` (agents whose name before the first `-` is PREFIX),
+`all` (the agents online now). `--json` (anywhere) prints exactly one JSON document on stdout.
+
+Exit status: 0 success; 1 a target failed, exited non-zero or timed out; 2 usage error or unknown
+agent; 3 not logged in, session expired, bad login or permission denied; 4 server unreachable or
+answering unexpectedly; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import http.client
+import json
+import math
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+__version__ = "0.1.0"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_SERVER = 4
+EXIT_INTERRUPTED = 130
+
+DEFAULT_WAIT_S = 30.0
+DEFAULT_REQUEST_TIMEOUT_S = 15.0
+# Cancelling and collecting what is left after the wait ran out must not be cut short by that same
+# deadline, or queued tasks would stay queued behind a user who already gave up.
+CLEANUP_TIMEOUT_S = 5.0
+# The server answers at most this many ids per GET /api/v1/tasks?ids=….
+IDS_PER_QUERY = 1000
+MAX_POLL_INTERVAL_S = 0.5
+MAX_WAIT_PARAM_S = 60.0
+NAMES_SHOWN_PER_GROUP = 20
+FINAL_STATES = frozenset({"done", "failed", "cancelled", "expired"})
+# Fields the protocol adds to a result; they differ per agent and carry no information of their own.
+BOOKKEEPING_FIELDS = ("id", "error", "target")
+
+
+class CtlError(Exception):
+    """A failure explained to the user in one line, with the exit status it maps to."""
+
+    def __init__(self, msg: str, exit_code: int) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.exit_code = exit_code
+
+
+class Interrupted(Exception):
+    """Raised from the SIGTERM handler so `timeout dutctl …` cleans up as Ctrl-C does."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Session storage
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Session:
+    url: str
+    token: str
+    user: str = ""
+    expires_at: str | None = None
+    cacert: str | None = None
+
+
+def config_file() -> Path:
+    """$DUTCTL_CONFIG, else $XDG_CONFIG_HOME/dutctl/session.json, else ~/.config/dutctl/session.json."""
+    explicit = os.environ.get("DUTCTL_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "dutctl" / "session.json"
+
+
+def save_session(session: Session) -> Path:
+    path = config_file()
+    owned_dir = not os.environ.get("DUTCTL_CONFIG")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if owned_dir:
+        # Only the dutctl directory is ours to tighten; a directory named by DUTCTL_CONFIG is the user's.
+        os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Created 0600 from the first byte (O_EXCL, explicit mode), then renamed into place, so the token
+    # is never readable by others, not even for a moment, and a crash never leaves half a file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(session.__dict__, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_session() -> Session | None:
+    path = config_file()
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CtlError(f"cannot read the session file {path}: {e.strerror}", EXIT_AUTH) from e
+    try:
+        data = json.loads(raw)
+        session = Session(**{k: data[k] for k in Session.__dataclass_fields__ if k in data})
+    except (ValueError, TypeError, KeyError) as e:
+        raise CtlError(f"the session file {path} is damaged; run `dutctl login` again", EXIT_AUTH) from e
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        warn(f"{path} was readable by other users; made it private (mode 0600)")
+        os.chmod(path, 0o600)
+    return session
+
+
+def remove_session() -> bool:
+    try:
+        config_file().unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+def normalise_url(url: str) -> str:
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CtlError(f"not a server URL: {url!r} (expected http://HOST:PORT or https://…)",
+                       EXIT_USAGE)
+    return url.rstrip("/")
+
+
+@dataclass
+class Answer:
+    status: int
+    data: Any
+    headers: Any
+
+
+class Client:
+    """Talks to one server; turns every transport or protocol failure into a one-line CtlError."""
+
+    def __init__(self, url: str, token: str | None = None, cacert: str | None = None) -> None:
+        self.url = url
+        self.token = token
+        try:
+            self.ssl_context = ssl.create_default_context(cafile=cacert) if cacert else None
+        except (OSError, ssl.SSLError) as e:
+            raise CtlError(f"cannot use the CA certificate {cacert}: {e}", EXIT_USAGE) from e
+
+    def send(self, method: str, path: str, *, query: dict[str, Any] | None = None,
+             body: Any = None, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Answer:
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        headers = {"Accept": "application/json", "User-Agent": f"dutctl/{__version__}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        timeout_s = max(timeout_s, 0.05)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s, context=self.ssl_context) as resp:
+                return Answer(resp.status, parse_body(resp.read()), resp.headers)
+        except urllib.error.HTTPError as e:
+            with e:
+                return Answer(e.code, parse_body(e.read()), e.headers)
+        except urllib.error.URLError as e:
+            raise self.unreachable(e.reason, timeout_s) from e
+        except (OSError, http.client.HTTPException) as e:
+            raise self.unreachable(e, timeout_s) from e
+
+    def unreachable(self, reason: Any, timeout_s: float) -> CtlError:
+        where = f"the server at {self.url}"
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return CtlError(f"{where} presented a certificate that is not trusted "
+                            f"({reason.verify_message}); log in with --cacert FILE", EXIT_SERVER)
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            return CtlError(f"{where} did not answer within {timeout_s:g} s", EXIT_SERVER)
+        if isinstance(reason, ConnectionRefusedError):
+            return CtlError(f"cannot reach {where}: connection refused (is dutserver running?)",
+                            EXIT_SERVER)
+        if isinstance(reason, socket.gaierror):
+            host = urllib.parse.urlsplit(self.url).hostname
+            return CtlError(f"cannot reach {where}: unknown host {host}", EXIT_SERVER)
+        text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        return CtlError(f"cannot reach {where}: {text}", EXIT_SERVER)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A request that must succeed: returns the decoded body, raises a CtlError otherwise."""
+        answer = self.send(method, path, **kwargs)
+        if 200 <= answer.status < 300:
+            if path.startswith("/api/") and not isinstance(answer.data, dict):
+                raise self.unexpected(answer, path)
+            return answer.data
+        raise self.failure(answer, path)
+
+    def failure(self, answer: Answer, path: str) -> CtlError:
+        msg = server_msg(answer.data)
+        if answer.status == 401:
+            return CtlError("the session has expired or was logged out; run `dutctl login`", EXIT_AUTH)
+        if answer.status == 403:
+            return CtlError(f"permission denied{': ' + msg if msg else ''}", EXIT_AUTH)
+        if answer.status == 429:
+            return CtlError(banned_message(answer), EXIT_AUTH)
+        if msg is None:
+            return self.unexpected(answer, path)
+        if 400 <= answer.status < 500 and answer.status not in (408, 409):
+            return CtlError(msg, EXIT_USAGE)
+        return CtlError(f"the server answered HTTP {answer.status}: {msg}", EXIT_SERVER)
+
+    def unexpected(self, answer: Answer, path: str) -> CtlError:
+        return CtlError(f"unexpected answer from {self.url}{path} (HTTP {answer.status}); "
+                        f"is {self.url} a dutserver?", EXIT_SERVER)
+
+
+def parse_body(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def server_msg(data: Any) -> str | None:
+    if isinstance(data, dict) and isinstance(data.get("msg"), str):
+        return str(data["msg"])
+    return None
+
+
+def banned_message(answer: Answer) -> str:
+    retry = answer.headers.get("Retry-After") if answer.headers else None
+    when = f"; try again in {retry} s" if retry else "; try again later"
+    return f"too many failed logins from this address{when}"
+
+
+def session_client(timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Client:
+    """A client for the stored session, or for DUTCTL_URL + DUTCTL_TOKEN when both are set."""
+    env_token = os.environ.get("DUTCTL_TOKEN")
+    session = load_session()
+    if env_token:
+        url = os.environ.get("DUTCTL_URL") or (session.url if session else None)
+        if not url:
+            raise CtlError("DUTCTL_TOKEN is set but no server URL: set DUTCTL_URL too", EXIT_USAGE)
+        return Client(normalise_url(url), env_token, os.environ.get("DUTCTL_CACERT"))
+    if session is None:
+        raise CtlError("not logged in; run `dutctl login URL --user NAME`", EXIT_AUTH)
+    return Client(session.url, session.token, os.environ.get("DUTCTL_CACERT") or session.cacert)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------------------------
+
+def warn(msg: str) -> None:
+    print(f"dutctl: {msg}", file=sys.stderr)
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        # fromisoformat() before Python 3.11 does not take a trailing Z.
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))  # noqa: FURB162
+    except ValueError:
+        return None
+    # timezone.utc, not datetime.UTC: dutctl also runs on Python 3.9 and 3.10.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)  # noqa: UP017
+
+
+def local_time(value: Any) -> str:
+    parsed = parse_time(value)
+    return parsed.astimezone().strftime("%Y-%m-%d %H:%M:%S") if parsed else "-"
+
+
+def time_ago(value: Any, now: datetime | None = None) -> str:
+    parsed = parse_time(value)
+    if parsed is None:
+        return "never"
+    seconds = ((now or datetime.now(timezone.utc)) - parsed).total_seconds()  # noqa: UP017
+    if seconds < 2:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        print("  ".join(cells).rstrip())
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def name_list(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN_PER_GROUP])
+    hidden = len(names) - NAMES_SHOWN_PER_GROUP
+    return shown + (f", … (+{hidden} more; --json lists all)" if hidden > 0 else "")
+
+
+class Progress:
+    """One self-rewriting status line on a terminal's stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.enabled = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.shown = False
+
+    def update(self, outcomes: Iterable[Outcome]) -> None:
+        if not self.enabled:
+            return
+        counts: dict[str, int] = {}
+        done = 0
+        for outcome in outcomes:
+            counts[outcome.outcome] = counts.get(outcome.outcome, 0) + 1
+            done += 1
+        parts = [f"{done}/{self.total} answered"]
+        parts += [f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(counts.items())]
+        parts.append(f"{time.monotonic() - self.started:.1f} s")
+        sys.stderr.write("\r\x1b[K" + " · ".join(parts))
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------
+
+def group_of(name: str) -> str:
+    """An agent's group is its name up to the first `-`, as in the classic web client."""
+    return name.split("-", 1)[0]
+
+
+def resolve_targets(spec: str, agents: list[dict[str, Any]]) -> list[str]:
+    """Expands names, comma lists, group:PREFIX and all (online agents) into agent names, in order."""
+    known = sorted(str(a["name"]) for a in agents)
+    online = {str(a["name"]) for a in agents if a.get("online")}
+    chosen: dict[str, None] = {}  # an ordered set: first mention wins, duplicates collapse
+    unknown: list[str] = []
+    words = [w.strip() for w in spec.split(",") if w.strip()]
+    if not words:
+        raise CtlError("no targets given", EXIT_USAGE)
+    for word in words:
+        if word == "all":
+            members = [n for n in known if n in online]
+        elif word.startswith("group:"):
+            prefix = word[len("group:"):]
+            members = [n for n in known if group_of(n) == prefix]
+            if not members:
+                unknown.append(word)
+        elif word in known:
+            members = [word]
+        else:
+            members = []
+            unknown.append(word)
+        chosen.update(dict.fromkeys(members))
+    if unknown:
+        noun = "agent or group" if len(unknown) == 1 else "agents or groups"
+        raise CtlError(f"unknown {noun}: {', '.join(unknown)}", EXIT_USAGE)
+    if not chosen:
+        raise CtlError("no agent is online, so `all` matches nothing", EXIT_USAGE)
+    return list(chosen)
+
+
+def fetch_agents(client: Client, timeout_s: float) -> list[dict[str, Any]]:
+    data = client.call("GET", "/api/v1/agents", query={"inventory": "0"}, timeout_s=timeout_s)
+    agents = data.get("agents")
+    if not isinstance(agents, list):
+        raise client.unexpected(Answer(200, data, None), "/api/v1/agents")
+    return sorted((a for a in agents if isinstance(a, dict)), key=lambda a: str(a.get("name")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting tasks and watching their results
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What became of one target's task, as the user should hear it."""
+
+    target: str
+    task_id: int | None
+    state: str
+    outcome: str  # ok | failed | timed_out | cancelled | expired | interrupted
+    exit_code: int | None = None
+    msg: str | None = None
+    result: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def classify(task: dict[str, Any], task_type: str) -> Outcome:
+    """Turns a task in a final state into an Outcome; a non-zero exit of a command is a failure."""
+    state = str(task.get("state"))
+    result = task.get("result") if isinstance(task.get("result"), dict) else None
+    outcome = Outcome(str(task.get("target")), task.get("id"), state, "failed", result=result)
+    if state == "done" and result is not None and not result.get("error"):
+        code = result.get("status_code")
+        if task_type == "execute_cmd" and isinstance(code, int):
+            outcome.exit_code = code
+            outcome.outcome = "ok" if code == 0 else "failed"
+        else:
+            outcome.outcome = "ok"
+    elif state in ("done", "failed"):
+        outcome.msg = server_msg(result) or "the agent sent no result"
+    elif state in ("cancelled", "expired"):
+        outcome.outcome = state
+        outcome.msg = f"the task was {state} before an agent took it"
+    return outcome
+
+
+def timed_out(target: str, task_id: int, task: dict[str, Any] | None, cancelled: bool,
+              interrupted: bool) -> Outcome:
+    when = "before dutctl was interrupted" if interrupted else "in time"
+    if cancelled:
+        msg = f"the agent did not pick the task up {when} (offline or busy); it was cancelled"
+    else:
+        msg = "still running on the agent when dutctl stopped waiting (see `dutctl history`)"
+    state = str(task.get("state")) if task else ("cancelled" if cancelled else "delivered")
+    return Outcome(target, task_id, state, "interrupted" if interrupted else "timed_out", msg=msg)
+
+
+def submit(client: Client, targets: list[str], task: dict[str, Any],
+           expires_s: float | None, timeout_s: float) -> dict[int, str]:
+    body: dict[str, Any] = {"targets": targets, "task": task}
+    if expires_s is not None:
+        body["expires_s"] = math.ceil(expires_s)
+    data = client.call("POST", "/api/v1/tasks", body=body, timeout_s=timeout_s)
+    try:
+        return {int(t["id"]): str(t["target"]) for t in data["tasks"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise client.unexpected(Answer(202, data, None), "/api/v1/tasks") from e
+
+
+def fetch_tasks(client: Client, ids: list[int], timeout_s: float) -> dict[int, dict[str, Any]]:
+    found: dict[int, dict[str, Any]] = {}
+    for start in range(0, len(ids), IDS_PER_QUERY):
+        chunk = ids[start:start + IDS_PER_QUERY]
+        query = {"ids": ",".join(map(str, chunk)), "limit": len(chunk)}
+        data = client.call("GET", "/api/v1/tasks", query=query, timeout_s=timeout_s)
+        for task in data.get("tasks") or []:
+            if isinstance(task, dict) and isinstance(task.get("id"), int):
+                found[task["id"]] = task
+    return found
+
+
+def wait_for_one(client: Client, task_id: int, wait_s: float) -> dict[str, Any] | None:
+    """Long-polls one task, so a single target's result shows the moment it arrives."""
+    wait_s = min(MAX_WAIT_PARAM_S, max(0.01, wait_s))
+    data = client.call("GET", f"/api/v1/tasks/{task_id}", query={"wait_s": f"{wait_s:.3f}"},
+                       timeout_s=wait_s + DEFAULT_REQUEST_TIMEOUT_S)
+    task = data.get("task")
+    return task if isinstance(task, dict) else None
+
+
+def watch(client: Client, pending: dict[int, str], task_type: str, deadline: float,
+          progress: Progress) -> tuple[dict[int, Outcome], bool]:
+    """Collects results until all are final or the deadline passes; then cancels what is still queued.
+
+    Returns the outcomes by task id and whether the wait was interrupted (Ctrl-C, SIGTERM).
+    """
+    pending = dict(pending)
+    finished: dict[int, Outcome] = {}
+    interrupted = False
+    interval_s = 0.02
+    try:
+        while pending:
+            remaining = deadline - time.monotonic()
+            if len(pending) == 1 and remaining > 0:
+                (task_id,) = pending
+                found = {}
+                task = wait_for_one(client, task_id, min(remaining, MAX_WAIT_PARAM_S))
+                if task is not None:
+                    found[task_id] = task
+            else:
+                found = fetch_tasks(client, list(pending), max(remaining, CLEANUP_TIMEOUT_S))
+            for task_id, task in found.items():
+                if task.get("state") in FINAL_STATES and task_id in pending:
+                    pending.pop(task_id)
+                    finished[task_id] = classify(task, task_type)
+            progress.update(finished.values())
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            if len(pending) > 1:
+                time.sleep(min(interval_s, remaining))
+                interval_s = min(interval_s * 1.5, MAX_POLL_INTERVAL_S)
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
+    finally:
+        progress.clear()
+    if pending:
+        finished.update(give_up(client, pending, task_type, interrupted))
+    return finished, interrupted
+
+
+def give_up(client: Client, pending: dict[int, str], task_type: str,
+            interrupted: bool) -> dict[int, Outcome]:
+    """Cancels the tasks no agent took yet, so none runs after the user stopped waiting."""
+    outcomes: dict[int, Outcome] = {}
+    recheck: list[int] = []
+    for task_id, target in pending.items():
+        answer = client.send("POST", f"/api/v1/tasks/{task_id}/cancel", timeout_s=CLEANUP_TIMEOUT_S)
+        if answer.status == 200:
+            outcomes[task_id] = timed_out(target, task_id, None, True, interrupted)
+        elif answer.status == 409:
+            recheck.append(task_id)  # delivered meanwhile, or even finished
+        else:
+            raise client.failure(answer, f"/api/v1/tasks/{task_id}/cancel")
+    for task_id, task in fetch_tasks(client, recheck, CLEANUP_TIMEOUT_S).items():
+        if task.get("state") in FINAL_STATES:
+            outcomes[task_id] = classify(task, task_type)
+        else:
+            outcomes[task_id] = timed_out(pending[task_id], task_id, task, False, interrupted)
+    for task_id in recheck:
+        outcomes.setdefault(task_id, timed_out(pending[task_id], task_id, None, False, interrupted))
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# Presenting results
+# ---------------------------------------------------------------------------------------------
+
+OUTCOME_RANK = {"ok": 0, "failed": 1, "timed_out": 2, "interrupted": 3, "cancelled": 4, "expired": 5}
+
+
+def label_of(outcome: Outcome) -> str:
+    if outcome.exit_code is not None:
+        return f"exit {outcome.exit_code}"
+    return {"ok": "ok", "failed": "error", "timed_out": "timed out"}.get(
+        outcome.outcome, outcome.outcome)
+
+
+def content_of(outcome: Outcome, task_type: str) -> str:
+    """The text shown for a result; two targets with the same label and content share one section."""
+    if outcome.exit_code is not None and outcome.result is not None:
+        return command_text(outcome.result)
+    if outcome.outcome == "ok" and outcome.result is not None:
+        shown = {k: v for k, v in outcome.result.items() if k not in BOOKKEEPING_FIELDS}
+        return json.dumps(shown, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return (outcome.msg or "") + "\n"
+
+
+def command_text(result: dict[str, Any]) -> str:
+    out = str(result.get("output") or "")
+    err = str(result.get("stderr") or "")
+    text = out if not out or out.endswith("\n") else out + "\n"
+    if err:
+        text += "--- stderr\n" + err + ("" if err.endswith("\n") else "\n")
+    if result.get("truncated"):
+        text += "[output truncated by the agent]\n"
+    return text or "(no output)\n"
+
+
+@dataclass
+class Group:
+    label: str
+    outcome: str
+    exit_code: int | None
+    sections: dict[str, list[str]] = field(default_factory=dict)  # content -> target names
+
+    @property
+    def targets(self) -> list[str]:
+        return [name for names in self.sections.values() for name in names]
+
+
+def group_outcomes(outcomes: list[Outcome], task_type: str) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for outcome in outcomes:
+        label = label_of(outcome)
+        group = groups.setdefault(label, Group(label, outcome.outcome, outcome.exit_code))
+        group.sections.setdefault(content_of(outcome, task_type), []).append(outcome.target)
+    return sorted(groups.values(), key=lambda g: (OUTCOME_RANK.get(g.outcome, 9),
+                                                  -len(g.targets), g.exit_code or 0, g.label))
+
+
+def print_summary(outcomes: list[Outcome], task_type: str) -> None:
+    groups = group_outcomes(outcomes, task_type)
+    word = "output" if task_type == "execute_cmd" else "result"
+    for group in groups:
+        count = len(group.targets)
+        line = f"{plural(count, 'agent')}: {group.label}"
+        if count > 1:
+            distinct = len(group.sections)
+            noun = word if group.outcome == "ok" or group.exit_code is not None else "message"
+            line += f", same {noun}" if distinct == 1 else f", {distinct} different {noun}s"
+        print(line)
+    for group in groups:
+        for content, names in sorted(group.sections.items(), key=lambda s: -len(s[1])):
+            who = name_list(names) if len(names) == 1 else f"{len(names)} agents: {name_list(names)}"
+            print(f"\n=== {group.label} · {who}")
+            sys.stdout.write(content)
+
+
+def print_single(outcome: Outcome, task_type: str) -> None:
+    """One target: the result itself, as ssh would show it, so `$(dutctl run pc1 -- cmd)` just works."""
+    result = outcome.result or {}
+    if outcome.exit_code is not None:
+        sys.stdout.write(str(result.get("output") or ""))
+        sys.stdout.flush()
+        sys.stderr.write(str(result.get("stderr") or ""))
+        if result.get("truncated"):
+            warn(f"{outcome.target}: output truncated by the agent")
+        if outcome.exit_code != 0:
+            warn(f"{outcome.target}: command exited with status {outcome.exit_code}")
+    elif outcome.outcome == "ok":
+        sys.stdout.write(content_of(outcome, task_type))
+    else:
+        warn(f"{outcome.target}: {label_of(outcome)}: {outcome.msg}")
+
+
+def run_task(args: argparse.Namespace, target_spec: str, task: dict[str, Any]) -> int:
+    wait_s = args.timeout if args.timeout is not None else DEFAULT_WAIT_S
+    deadline = time.monotonic() + wait_s
+    client = session_client()
+    targets = resolve_targets(target_spec, fetch_agents(client, DEFAULT_REQUEST_TIMEOUT_S))
+    if args.no_wait:
+        ids = submit(client, targets, task, args.expires, DEFAULT_REQUEST_TIMEOUT_S)
+        rows = [{"id": task_id, "target": target} for task_id, target in ids.items()]
+        if args.json:
+            emit_json({"error": False, "task": task, "tasks": rows})
+        else:
+            for row in rows:
+                print(f"{row['id']}\t{row['target']}")
+        return EXIT_OK
+    # No default expiry: the server also fails a delivered task at its expiry, so a short one would
+    # throw away the result of a long command; tasks left queued at the deadline are cancelled instead.
+    pending = submit(client, targets, task, args.expires, DEFAULT_REQUEST_TIMEOUT_S)
+    finished, interrupted = watch(client, pending, task["type"], deadline, Progress(len(pending)))
+    order = {name: i for i, name in enumerate(targets)}
+    outcomes = sorted(finished.values(), key=lambda o: order.get(o.target, len(order)))
+    all_ok = all(o.outcome == "ok" for o in outcomes)
+    if args.json:
+        groups = group_outcomes(outcomes, task["type"])
+        counts = {kind: sum(o.outcome == kind for o in outcomes) for kind in OUTCOME_RANK}
+        emit_json({
+            "error": False, "ok": all_ok, "interrupted": interrupted, "task": task,
+            "summary": {"targets": len(outcomes), **counts},
+            "groups": [{"label": g.label, "outcome": g.outcome, "exit_code": g.exit_code,
+                        "count": len(g.targets), "distinct": len(g.sections), "targets": g.targets}
+                       for g in groups],
+            "results": [o.as_json() for o in outcomes],
+        })
+    elif len(outcomes) == 1:
+        print_single(outcomes[0], task["type"])
+    else:
+        print_summary(outcomes, task["type"])
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all_ok else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+def read_password(user: str, url: str) -> str:
+    if sys.stdin.isatty():
+        try:
+            return getpass.getpass(f"Password for {user} at {url}: ")
+        except EOFError:
+            return ""
+    line = sys.stdin.readline()
+    return line.removesuffix("\n")
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    previous = load_session()
+    url = args.url or os.environ.get("DUTCTL_URL") or (previous.url if previous else None)
+    if not url:
+        raise CtlError("which server? run `dutctl login URL --user NAME`", EXIT_USAGE)
+    url = normalise_url(url)
+    user = args.user or (previous.user if previous and previous.url == url else None)
+    if not user:
+        raise CtlError("which account? add --user NAME", EXIT_USAGE)
+    cacert = args.cacert or os.environ.get("DUTCTL_CACERT")
+    if cacert is None and previous and previous.url == url:
+        cacert = previous.cacert
+    if cacert:
+        cacert = str(Path(cacert).expanduser().resolve())
+    password = read_password(user, url)
+    if not password:
+        raise CtlError("no password given (dutctl reads it from stdin)", EXIT_USAGE)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    client = Client(url, None, cacert)
+    # A POST body keeps the password out of URLs, and so out of proxy and server access logs.
+    answer = client.send("POST", "/login", body={"user": user, "pass": password}, timeout_s=timeout_s)
+    if answer.status == 403:
+        raise CtlError(f"login failed: wrong user name or password for {user} at {url}", EXIT_AUTH)
+    if answer.status != 200:
+        raise client.failure(answer, "/login")
+    token = answer.data.get("token") if isinstance(answer.data, dict) else None
+    if not isinstance(token, str) or not token:
+        raise client.unexpected(answer, "/login")
+    client.token = token
+    info = client.send("GET", "/api/v1/session", timeout_s=timeout_s)
+    expires_at = info.data.get("expires_at") if isinstance(info.data, dict) else None
+    path = save_session(Session(url=url, token=token, user=user, expires_at=expires_at, cacert=cacert))
+    if args.json:
+        emit_json({"error": False, "url": url, "user": user, "expires_at": expires_at,
+                   "config": str(path)})
+    else:
+        until = f" until {local_time(expires_at)}" if expires_at else ""
+        print(f"logged in to {url} as {user}{until}")
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    session = load_session()
+    if session is None:
+        if args.json:
+            emit_json({"error": False, "logged_out": False, "revoked": False})
+        else:
+            print("not logged in")
+        return EXIT_OK
+    # Forget the token locally whatever the server says: the user asked for it to be gone.
+    remove_session()
+    client = Client(session.url, session.token, session.cacert)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    try:
+        answer = client.send("POST", "/logout", timeout_s=timeout_s)
+    except CtlError as e:
+        raise CtlError(f"removed the local session, but could not revoke it on the server: {e.msg}",
+                       e.exit_code) from e
+    # 401/403: the server had already forgotten the session (expired), which is what we wanted.
+    if answer.status not in (200, 401, 403):
+        raise CtlError("removed the local session, but the server did not confirm the logout: "
+                       + str(client.failure(answer, "/logout")), EXIT_SERVER)
+    if args.json:
+        emit_json({"error": False, "logged_out": True, "revoked": answer.status == 200,
+                   "url": session.url})
+    else:
+        print(f"logged out of {session.url}")
+    return EXIT_OK
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    client = session_client()
+    agents = fetch_agents(client, args.timeout or DEFAULT_REQUEST_TIMEOUT_S)
+    if args.json:
+        emit_json({"error": False, "agents": agents})
+        return EXIT_OK
+    rows = [[str(a.get("name")), "yes" if a.get("online") else "no",
+             "now" if a.get("online") else time_ago(a.get("last_seen")),
+             str(a.get("agent_version") or "-")] for a in agents]
+    print_table(["NAME", "ONLINE", "LAST SEEN", "VERSION"], rows)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.command_words is not None:
+        target_spec, words = ",".join(args.words), args.command_words
+    else:
+        target_spec, words = (args.words[0] if args.words else ""), args.words[1:]
+    if not target_spec:
+        raise CtlError("usage: dutctl run TARGETS -- COMMAND", EXIT_USAGE)
+    command = " ".join(words).strip()
+    if not command:
+        raise CtlError("no command given: dutctl run TARGETS -- COMMAND", EXIT_USAGE)
+    return run_task(args, target_spec, {"type": "execute_cmd", "cmd": command})
+
+
+def parse_field_value(key: str, raw: str) -> Any:
+    if raw.startswith("@"):
+        path = Path(raw[1:]).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            raise CtlError(f"{key}=@{path}: cannot read the file: {reason}", EXIT_USAGE) from e
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def parse_fields(items: list[str]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CtlError(f"expected key=value, got {item!r}", EXIT_USAGE)
+        if key == "type":
+            raise CtlError("the task type is the first argument: dutctl task TYPE TARGETS key=value…",
+                           EXIT_USAGE)
+        fields[key] = parse_field_value(key, raw)
+    return fields
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    task = {"type": args.type, **parse_fields(args.fields)}
+    return run_task(args, args.targets, task)
+
+
+def payload_of(task: dict[str, Any]) -> dict[str, Any]:
+    """The task's own fields, without the type and id the server keeps beside them."""
+    payload = task.get("payload")
+    if not isinstance(payload, dict):
+        return {}
+    return {k: v for k, v in payload.items() if k not in ("type", "id")}
+
+
+def describe_payload(task: dict[str, Any]) -> str:
+    payload = payload_of(task)
+    for key in ("cmd", "path", "dir", "url"):
+        if isinstance(payload.get(key), str):
+            return shorten(payload[key], 40)
+    if "frompath" in payload:
+        return shorten(f"{payload.get('frompath')} -> {payload.get('topath')}", 40)
+    return shorten(json.dumps(payload, ensure_ascii=False), 40) if payload else ""
+
+
+def describe_result(task: dict[str, Any]) -> str:
+    outcome = classify(task, str(task.get("type")))
+    if task.get("state") not in FINAL_STATES:
+        return ""
+    if outcome.exit_code is not None:
+        return f"exit {outcome.exit_code}"
+    return "ok" if outcome.outcome == "ok" else shorten(outcome.msg or "", 40)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    client = session_client()
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    if args.id is not None:
+        task = client.call("GET", f"/api/v1/tasks/{args.id}", timeout_s=timeout_s).get("task")
+        if args.json:
+            emit_json({"error": False, "task": task})
+        else:
+            print_task(task)
+        return EXIT_OK
+    query = {"target": args.target, "state": args.state, "submitted_by": args.by,
+             "before_id": args.before_id, "limit": args.limit}
+    tasks = client.call("GET", "/api/v1/tasks", query=query, timeout_s=timeout_s).get("tasks") or []
+    if args.json:
+        emit_json({"error": False, "tasks": tasks})
+        return EXIT_OK
+    rows = [[str(t.get("id")), local_time(t.get("created_at")), str(t.get("target")),
+             str(t.get("type")), str(t.get("state")), str(t.get("submitted_by") or "-"),
+             describe_payload(t), describe_result(t)] for t in tasks]
+    print_table(["ID", "CREATED", "TARGET", "TYPE", "STATE", "BY", "WHAT", "RESULT"], rows)
+    return EXIT_OK
+
+
+def print_task(task: dict[str, Any]) -> None:
+    print(f"task {task.get('id')}: {task.get('type')} on {task.get('target')}, {task.get('state')}")
+    print(f"submitted by {task.get('submitted_by') or '-'} at {local_time(task.get('created_at'))}")
+    for label, key in (("delivered", "delivered_at"), ("finished", "finished_at"),
+                       ("expires", "expires_at")):
+        if task.get(key):
+            print(f"{label} at {local_time(task.get(key))}")
+    payload = payload_of(task)
+    if payload:
+        print("payload: " + json.dumps(payload, ensure_ascii=False))
+    if task.get("state") in FINAL_STATES:
+        outcome = classify(task, str(task.get("type")))
+        print(f"result: {label_of(outcome)}")
+        sys.stdout.write(content_of(outcome, str(task.get("type"))))
+
+
+def cmd_selfreg(args: argparse.Namespace) -> int:
+    client = session_client()
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    if args.state is not None:
+        enabled = args.state == "on"
+        answer = client.send("POST", "/agent_selfreg", query={"enabled": int(enabled)},
+                             timeout_s=timeout_s)
+    else:
+        answer = client.send("GET", "/agent_selfreg", timeout_s=timeout_s)
+    if answer.status != 200:
+        raise classic_failure(client, answer, timeout_s)
+    if args.state is None:
+        text = str(answer.data).strip()
+        if text not in ("0", "1"):
+            raise client.unexpected(answer, "/agent_selfreg")
+        enabled = text == "1"
+    if args.json:
+        emit_json({"error": False, "selfreg": enabled})
+    else:
+        print(f"agent self-registration is {'on' if enabled else 'off'}")
+    return EXIT_OK
+
+
+def classic_failure(client: Client, answer: Answer, timeout_s: float) -> CtlError:
+    """Classic routes answer 403 for an expired session too; the native API tells which it was."""
+    if answer.status == 403:
+        check = client.send("GET", "/api/v1/session", timeout_s=timeout_s)
+        if check.status == 401:
+            return client.failure(check, "/api/v1/session")
+    return client.failure(answer, "/agent_selfreg")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+class ArgParser(argparse.ArgumentParser):
+    """Raises instead of exiting, so usage errors share the error path (and --json) of everything else."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CtlError(f"{message}\n{self.format_usage().rstrip()}", EXIT_USAGE)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def build_parser() -> ArgParser:
+    # Options every command takes, accepted before or after the subcommand: SUPPRESS keeps a
+    # subparser's unset copy from overwriting a value the main parser already took.
+    common = ArgParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print exactly one JSON document on stdout")
+    common.add_argument("--timeout", type=positive_float, metavar="S", default=argparse.SUPPRESS,
+                        help=f"run/task: wait at most S seconds for results (default "
+                             f"{DEFAULT_WAIT_S:g}); other commands: per request "
+                             f"(default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+
+    parser = ArgParser(prog="dutctl", parents=[common], description="Terminal client of dutserver.",
+                       epilog="Exit status: 0 ok; 1 a target failed or timed out; 2 usage error or "
+                              "unknown agent; 3 authentication; 4 server unreachable; "
+                              "130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"dutctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
+    sub.required = True
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+            **kwargs: Any) -> ArgParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text, **kwargs)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("login", cmd_login, "log in; the password is read from stdin")
+    p.add_argument("url", nargs="?", metavar="URL",
+                   help="server, e.g. https://dut.example:8080 (default: $DUTCTL_URL or the last one)")
+    p.add_argument("--user", "-u", metavar="NAME", help="admin account (default: the last one)")
+    p.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for an https server")
+
+    add("logout", cmd_logout, "end the session on the server and forget it here")
+    add("agents", cmd_agents, "list agents: name, online, last seen, version")
+
+    def add_wait_options(p: ArgParser) -> None:
+        p.add_argument("--no-wait", action="store_true",
+                       help="submit, print the task ids and return; tasks wait for offline agents")
+        p.add_argument("--expires", type=positive_float, metavar="S",
+                       help="the task's deadline: dropped if no agent took it, failed if no result "
+                            "came within S seconds (default: the server's, one day)")
+
+    p = add("run", cmd_run, "run a shell command on agents and summarise the results",
+            usage="dutctl run [options] TARGETS -- COMMAND…",
+            epilog="TARGETS: NAME, NAME,NAME, group:PREFIX, all (online agents). The words after "
+                   "-- are joined with spaces and run by the agent's shell, as ssh does.")
+    p.add_argument("words", nargs="*", metavar="TARGETS", help=argparse.SUPPRESS)
+    add_wait_options(p)
+
+    p = add("task", cmd_task, "submit a task of any type and show the results",
+            usage="dutctl task [options] TYPE TARGETS [key=value …]",
+            epilog="Values are JSON when they parse as JSON (5, true, {\"a\": 1}, \"quoted "
+                   "text\"), else text; key=@FILE takes the text of FILE.")
+    p.add_argument("type", metavar="TYPE")
+    p.add_argument("targets", metavar="TARGETS")
+    p.add_argument("fields", nargs="*", metavar="key=value")
+    add_wait_options(p)
+
+    p = add("history", cmd_history, "list past tasks, newest first, or show one task")
+    p.add_argument("id", nargs="?", type=int, metavar="ID", help="show this task in full")
+    p.add_argument("--target", metavar="NAME")
+    p.add_argument("--state", choices=["queued", "delivered", "done", "failed", "cancelled",
+                                       "expired"])
+    p.add_argument("--by", metavar="USER", help="submitted by this account")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N tasks (default 20)")
+    p.add_argument("--before-id", type=int, metavar="ID", help="page: only tasks older than ID")
+
+    p = add("selfreg", cmd_selfreg, "show or switch agent self-registration")
+    p.add_argument("state", nargs="?", choices=["on", "off"])
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    command_words = None
+    # Everything after the first `--` of `run` is the command, even words that look like options.
+    if "--" in argv:
+        cut = argv.index("--")
+        head, _ = parser.parse_known_args(argv[:cut])
+        if head.command == "run":
+            argv, command_words = argv[:cut], argv[cut + 1:]
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes no more positionals once an option followed the first ones
+    # (`task ping pc1 --no-wait n=5`), so such leftovers go to the command's trailing list.
+    trailing = {"run": "words", "task": "fields"}.get(args.command)
+    stray = [word for word in extra if trailing is None or word.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if trailing:
+        getattr(args, trailing).extend(extra)
+    args.command_words = command_words
+    return finish_args(args)
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    args.json = getattr(args, "json", False)
+    args.timeout = getattr(args, "timeout", None)
+    return args
+
+
+def wants_json(argv: list[str]) -> bool:
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def raise_interrupted(signum: int, frame: Any) -> NoReturn:
+    raise Interrupted()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = wants_json(argv)
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    in_main_thread = hasattr(signal, "SIGTERM") and _in_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        args = parse_args(argv)
+        return int(args.handler(args))
+    except CtlError as e:
+        warn(e.msg)
+        if as_json:
+            emit_json({"error": True, "msg": e.msg.splitlines()[0], "exit_code": e.exit_code})
+        return e.exit_code
+    except (KeyboardInterrupt, Interrupted):
+        warn("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (`| head`) went away; Python would complain again at exit while flushing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

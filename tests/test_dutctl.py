@@ -1,0 +1,359 @@
+"""dutctl as a script uses it: a subprocess against a real server, with real agents.
+
+This module holds the shared helpers (Ctl, Agents) and the tests of the session and of the
+listing commands; tests/test_dutctl_run.py covers `run` and `task`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import ADMIN, PYTHON, ROOT, RunningServer, free_port, http, wait_until
+
+DUTCTL = ROOT / "cli" / "dutctl.py"
+DUTAGENT = ROOT / "cli" / "dutagent.py"
+AGENT_SECRET = "agent-secret-0123456789"
+
+
+@dataclass
+class Ctl:
+    """Runs `dutctl` as a subprocess with its own HOME and XDG_CONFIG_HOME."""
+
+    home: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("DUTCTL_") and not k.lower().endswith("_proxy")}
+        env.update(HOME=str(self.home), XDG_CONFIG_HOME=str(self.home / "xdg"), **self.extra_env)
+        return env
+
+    @property
+    def session_file(self) -> Path:
+        return self.home / "xdg" / "dutctl" / "session.json"
+
+    def __call__(self, *args: str, stdin: str = "",
+                 timeout_s: float = 20) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, str(DUTCTL), *args], input=stdin, capture_output=True,
+                              text=True, timeout=timeout_s, env=self.env, cwd=self.home,
+                              check=False)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([PYTHON, str(DUTCTL), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                env=self.env, cwd=self.home)
+
+    def json(self, *args: str, expect_rc: int = 0, **kwargs: Any) -> Any:
+        """Runs with --json after the subcommand; asserts the exit status and that stdout is
+        exactly one JSON document."""
+        proc = self(args[0], "--json", *args[1:], **kwargs)
+        assert proc.returncode == expect_rc, (proc.returncode, proc.stdout, proc.stderr)
+        return json.loads(proc.stdout)
+
+    def login(self, server: RunningServer, user: str = ADMIN[0], password: str = ADMIN[1]) -> None:
+        proc = self("login", server.url, "--user", user, stdin=password + "\n")
+        assert proc.returncode == 0, proc.stderr
+
+
+class Agents:
+    """Real agents for a server: `cli/dutagent.py` subprocesses, each in a directory of its name
+    (so `basename $PWD` tells them apart in a command's output)."""
+
+    def __init__(self, server: RunningServer, base: Path) -> None:
+        self.server = server
+        self.base = base
+        self.token = server.login()
+        self.procs: dict[str, Any] = {}
+
+    def register(self, name: str) -> None:
+        status, _, body = http("POST", f"{self.server.url}/api/v1/accounts",
+                               {"name": name, "type": "agent", "password": AGENT_SECRET},
+                               {"Authorization": self.token})
+        assert status in (200, 201), body
+
+    def start(self, *names: str) -> None:
+        """Starts agents and waits until the server sees each of them online."""
+        for name in names:
+            self.register(name)
+            cwd = self.base / name
+            cwd.mkdir(parents=True, exist_ok=True)
+            if DUTAGENT.exists():
+                with open(cwd / "agent.log", "ab") as log:
+                    self.procs[name] = subprocess.Popen(
+                        [PYTHON, str(DUTAGENT), "run", "--server", self.server.url, "--name", name,
+                         "--secret", AGENT_SECRET], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+            else:
+                self.procs[name] = LoopAgent(self.server.url, name, AGENT_SECRET, cwd)
+                self.procs[name].start()
+        wait_until(lambda: self.online_names() >= set(names), timeout_s=10)
+
+    def online_names(self) -> set[str]:
+        status, _, body = http("GET", f"{self.server.url}/api/v1/agents?inventory=0",
+                               headers={"Authorization": self.token})
+        assert status == 200, body
+        return {a["name"] for a in json.loads(body)["agents"] if a["online"]}
+
+    def stop_all(self) -> None:
+        # Signal every agent first, then wait: each may take up to one poll timeout to notice.
+        for proc in self.procs.values():
+            if isinstance(proc, subprocess.Popen):
+                proc.terminate()
+            else:
+                proc.stopping.set()
+        for proc in self.procs.values():
+            if isinstance(proc, subprocess.Popen):
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            else:
+                proc.join(timeout=10)
+
+
+class LoopAgent(threading.Thread):
+    """A minimal protocol peer, used only until cli/dutagent.py exists in the tree: it long-polls
+    GET /tasks with Basic auth and posts each result, running commands with the real shell."""
+
+    def __init__(self, url: str, name: str, secret: str, cwd: Path) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.cwd = cwd
+        self.headers = {
+            "Authorization": "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode(),
+            "User-Agent": "dutagent/0.0-test",
+        }
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                status, _, body = http("GET", self.url + "/tasks", headers=self.headers, timeout=5)
+            except OSError:
+                continue
+            task = json.loads(body) if status == 200 and body else {}
+            if not task:
+                continue
+            http("POST", f"{self.url}/tasks_result?id={task['id']}", self.execute(task),
+                 self.headers)
+
+    def execute(self, task: dict[str, Any]) -> dict[str, Any]:
+        if task["type"] == "ping":
+            return {"pong": True, "agent_version": "0.0-test"}
+        if task["type"] == "execute_cmd":
+            proc = subprocess.run(task["cmd"], shell=True, capture_output=True, text=True,
+                                  cwd=self.cwd, timeout=task.get("timeout_s", 30), check=False)
+            return {"status_code": proc.returncode, "output": proc.stdout, "stderr": proc.stderr,
+                    "duration_s": 0.0}
+        return {"error": True, "msg": f"Unknown task type: {task['type']}"}
+
+
+def new_ctl(tmp_path: Path) -> Ctl:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return Ctl(home)
+
+
+def logged_in_ctl(server: RunningServer, tmp_path: Path) -> Ctl:
+    ctl = new_ctl(tmp_path)
+    ctl.login(server)
+    return ctl
+
+
+@pytest.fixture
+def ctl(tmp_path: Path) -> Ctl:
+    return new_ctl(tmp_path)
+
+
+@pytest.fixture
+def admin(server: RunningServer, tmp_path: Path) -> Ctl:
+    """A dutctl logged in to the server as the admin."""
+    return logged_in_ctl(server, tmp_path)
+
+
+@pytest.fixture
+def agents(server: RunningServer, tmp_path: Path) -> Iterator[Agents]:
+    pool = Agents(server, tmp_path / "agents")
+    yield pool
+    pool.stop_all()
+
+
+# --- login and logout ------------------------------------------------------------------------
+
+def test_login_keeps_the_session_in_a_private_file_and_never_prints_the_token(
+        server: RunningServer, ctl: Ctl) -> None:
+    proc = ctl("login", server.url, "--user", "admin", stdin="adminpass1\n")
+
+    assert proc.returncode == 0, proc.stderr
+    assert f"logged in to {server.url} as admin" in proc.stdout
+    saved = json.loads(ctl.session_file.read_text())
+    assert saved["url"] == server.url and saved["user"] == "admin"
+    assert saved["token"] not in proc.stdout + proc.stderr
+    assert stat.S_IMODE(ctl.session_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ctl.session_file.parent.stat().st_mode) == 0o700
+    # The stored session works for the next command.
+    assert ctl("agents").returncode == 0
+
+
+def test_login_json_reports_the_session_without_the_token(server: RunningServer, ctl: Ctl) -> None:
+    doc = ctl.json("login", server.url, "--user", "admin", stdin="adminpass1\n")
+
+    assert doc["error"] is False and doc["user"] == "admin" and doc["url"] == server.url
+    assert doc["expires_at"]
+    assert "token" not in doc
+
+
+def test_wrong_password_is_a_clear_auth_failure_and_stores_nothing(
+        server: RunningServer, ctl: Ctl) -> None:
+    proc = ctl("login", server.url, "--user", "admin", stdin="not-the-password\n")
+
+    assert proc.returncode == 3
+    assert "login failed: wrong user name or password" in proc.stderr
+    assert proc.stdout == ""
+    assert not ctl.session_file.exists()
+
+
+def test_repeated_failures_are_reported_as_a_ban_with_its_length(
+        server: RunningServer, ctl: Ctl) -> None:
+    for _ in range(5):
+        assert ctl("login", server.url, "--user", "admin", stdin="wrong-password\n").returncode == 3
+
+    proc = ctl("login", server.url, "--user", "admin", stdin="adminpass1\n")
+
+    assert proc.returncode == 3
+    assert "too many failed logins" in proc.stderr and "try again in" in proc.stderr
+
+
+def test_unreachable_server_is_named_with_exit_status_4(ctl: Ctl) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = ctl("login", url, "--user", "admin", stdin="adminpass1\n")
+
+    assert proc.returncode == 4
+    assert f"cannot reach the server at {url}: connection refused" in proc.stderr
+
+
+def test_commands_without_a_session_say_how_to_log_in(ctl: Ctl) -> None:
+    proc = ctl("agents")
+
+    assert proc.returncode == 3
+    assert "not logged in; run `dutctl login URL --user NAME`" in proc.stderr
+
+
+def test_relogin_needs_only_the_password(server: RunningServer, admin: Ctl) -> None:
+    proc = admin("login", stdin="adminpass1\n")
+
+    assert proc.returncode == 0, proc.stderr
+    assert f"logged in to {server.url} as admin" in proc.stdout
+
+
+def test_expired_session_asks_for_a_new_login(server: RunningServer, admin: Ctl) -> None:
+    token = json.loads(admin.session_file.read_text())["token"]
+    http("POST", server.url + "/logout", headers={"Authorization": token})  # revoked elsewhere
+
+    for command in (["agents"], ["history"], ["selfreg"]):
+        proc = admin(*command)
+        assert proc.returncode == 3, command
+        assert "session has expired or was logged out; run `dutctl login`" in proc.stderr
+
+
+def test_logout_revokes_the_session_on_the_server(server: RunningServer, admin: Ctl) -> None:
+    token = json.loads(admin.session_file.read_text())["token"]
+
+    doc = admin.json("logout")
+
+    assert doc == {"error": False, "logged_out": True, "revoked": True, "url": server.url}
+    assert not admin.session_file.exists()
+    status, _, _ = http("GET", server.url + "/api/v1/agents", headers={"Authorization": token})
+    assert status == 401
+    assert admin("logout").stdout == "not logged in\n"
+
+
+def test_dutctl_token_and_url_from_the_environment_need_no_session_file(
+        server: RunningServer, ctl: Ctl) -> None:
+    ctl.extra_env.update(DUTCTL_URL=server.url, DUTCTL_TOKEN=server.login())
+
+    assert ctl.json("agents") == {"error": False, "agents": []}
+    assert not ctl.session_file.exists()
+
+
+# --- agents, history, selfreg -----------------------------------------------------------------
+
+def test_agents_lists_name_online_last_seen_and_version(
+        server: RunningServer, admin: Ctl, agents: Agents) -> None:
+    agents.start("lab-1")
+    agents.register("lab-2")  # never polled
+
+    proc = admin("agents")
+
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.splitlines()
+    assert header.split() == ["NAME", "ONLINE", "LAST", "SEEN", "VERSION"]
+    assert rows[0].split()[:3] == ["lab-1", "yes", "now"]
+    assert rows[0].split()[3].strip()  # a version string from the agent's User-Agent
+    assert rows[1].split() == ["lab-2", "no", "never", "-"]
+
+
+def test_agents_json_may_follow_the_subcommand_and_is_one_document(
+        server: RunningServer, admin: Ctl, agents: Agents) -> None:
+    agents.start("lab-1")
+
+    for args in (["agents", "--json"], ["--json", "agents"]):
+        proc = admin(*args)
+        doc = json.loads(proc.stdout)
+        assert [a["name"] for a in doc["agents"]] == ["lab-1"]
+        assert doc["agents"][0]["online"] is True
+        assert doc["agents"][0]["agent_version"]
+
+
+def test_history_filters_and_shows_one_task_in_full(server: RunningServer, admin: Ctl,
+                                                   agents: Agents) -> None:
+    agents.register("pc-a")
+    agents.register("pc-b")
+    for target in ("pc-a", "pc-b", "pc-a"):
+        admin("task", "ping", target, "--no-wait")
+
+    doc = admin.json("history", "--target", "pc-a")
+    assert [t["target"] for t in doc["tasks"]] == ["pc-a", "pc-a"]
+    assert doc["tasks"][0]["id"] > doc["tasks"][1]["id"]  # newest first
+    assert len(admin.json("history", "--limit", "1")["tasks"]) == 1
+    assert admin.json("history", "--state", "done")["tasks"] == []
+
+    table = admin("history").stdout.splitlines()
+    assert table[0].split()[:5] == ["ID", "CREATED", "TARGET", "TYPE", "STATE"]
+    assert len(table) == 4 and all(" ping " in row and " queued " in row for row in table[1:])
+
+    newest = doc["tasks"][0]["id"]
+    one = admin("history", str(newest))
+    assert f"task {newest}: ping on pc-a, queued" in one.stdout
+    assert admin("history", "999999").returncode == 2
+
+
+def test_selfreg_shows_and_switches(server: RunningServer, admin: Ctl) -> None:
+    assert admin("selfreg").stdout == "agent self-registration is off\n"
+    assert admin.json("selfreg", "on") == {"error": False, "selfreg": True}
+    assert admin("selfreg").stdout == "agent self-registration is on\n"
+    status, _, _ = http("POST", f"{server.url}/agents?user=newpc&pass={AGENT_SECRET}")
+    assert status == 200
+    assert admin.json("selfreg", "off") == {"error": False, "selfreg": False}
+    status, _, _ = http("POST", f"{server.url}/agents?user=otherpc&pass={AGENT_SECRET}")
+    assert status == 405
+
+
+def test_usage_errors_exit_2_and_keep_json_output_parseable(admin: Ctl) -> None:
+    proc = admin("selfreg", "maybe", "--json")
+
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["error"] is True
+    assert "invalid choice: 'maybe'" in proc.stderr
+    assert admin("frobnicate").returncode == 2

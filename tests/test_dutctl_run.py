@@ -1,0 +1,211 @@
+"""`dutctl run` and `dutctl task` against a real server and real agents, as scripts call them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import PYTHON, RunningServer, wait_until
+from test_dutctl import DUTCTL, Agents, Ctl, logged_in_ctl
+
+# Each agent runs in a directory named after it, so this command tells them apart:
+# lab-3 prints something else and fails, the others agree.
+SPLIT_COMMAND = 'if [ "${PWD##*/}" = lab-3 ]; then echo odd one; exit 3; fi; echo same text'
+
+
+@pytest.fixture
+def admin(server: RunningServer, tmp_path: Path) -> Ctl:
+    return logged_in_ctl(server, tmp_path)
+
+
+@pytest.fixture
+def lab(server: RunningServer, tmp_path: Path) -> Iterator[Agents]:
+    """Three online agents lab-1..lab-3, an online other-1, and a registered but offline lab-9."""
+    pool = Agents(server, tmp_path / "agents")
+    pool.start("lab-1", "lab-2", "lab-3", "other-1")
+    pool.register("lab-9")
+    yield pool
+    pool.stop_all()
+
+
+def tasks_of(admin: Ctl) -> list[dict[str, object]]:
+    return list(admin.json("history", "--limit", "100")["tasks"])
+
+
+def test_run_one_target_prints_just_the_output(admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "lab-1", "--", "echo", "hello", "world")
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello world\n"
+    assert proc.stderr == ""
+
+
+def test_run_one_target_failing_passes_stderr_through_and_exits_1(admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "lab-2", "--", "echo out; echo err >&2; exit 7")
+
+    assert proc.returncode == 1
+    assert proc.stdout == "out\n"
+    assert proc.stderr == "err\ndutctl: lab-2: command exited with status 7\n"
+
+
+def test_run_group_summarises_and_prints_each_distinct_output_once(
+        admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "group:lab", "lab-1", "--timeout", "1", "--", SPLIT_COMMAND)
+
+    assert proc.returncode == 1  # lab-3 exited 3, lab-9 is offline
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == [
+        "2 agents: exit 0, same output",
+        "1 agent: exit 3",
+        "1 agent: timed out",
+    ]
+    assert proc.stdout.count("same text") == 1
+    assert "=== exit 0 · 2 agents: lab-1, lab-2\nsame text\n" in proc.stdout
+    assert "=== exit 3 · lab-3\nodd one\n" in proc.stdout
+    assert "=== timed out · lab-9\nthe agent did not pick the task up in time" in proc.stdout
+    assert "other-1" not in proc.stdout
+    assert proc.stderr == ""  # no progress noise when stderr is not a terminal
+
+
+def test_run_json_has_per_target_results_and_groups(admin: Ctl, lab: Agents) -> None:
+    doc = admin.json("run", "lab-1,lab-2,lab-3", "--", SPLIT_COMMAND, expect_rc=1)
+
+    assert doc["ok"] is False
+    assert doc["summary"]["targets"] == 3
+    assert doc["summary"]["ok"] == 2 and doc["summary"]["failed"] == 1
+    by_target = {r["target"]: r for r in doc["results"]}
+    assert by_target["lab-3"]["exit_code"] == 3
+    assert by_target["lab-3"]["result"]["output"] == "odd one\n"
+    assert by_target["lab-1"]["outcome"] == "ok" and by_target["lab-1"]["state"] == "done"
+    assert [(g["label"], g["targets"]) for g in doc["groups"]] == [
+        ("exit 0", ["lab-1", "lab-2"]), ("exit 3", ["lab-3"])]
+    assert doc["task"] == {"type": "execute_cmd", "cmd": SPLIT_COMMAND}
+
+
+def test_run_all_means_the_online_agents(admin: Ctl, lab: Agents) -> None:
+    doc = admin.json("run", "all", "--", "true")
+
+    assert doc["ok"] is True
+    assert sorted(r["target"] for r in doc["results"]) == ["lab-1", "lab-2", "lab-3", "other-1"]
+
+
+def test_run_words_after_the_separator_are_the_command_even_option_like_ones(
+        admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "lab-1", "--json", "--", "echo", "--json", "-n", "x")
+
+    assert json.loads(proc.stdout)["results"][0]["result"]["output"] == "--json -n x\n"
+
+
+def test_unknown_agent_submits_nothing_and_exits_2(admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "lab-1,nope,group:ghost", "--", "true")
+
+    assert proc.returncode == 2
+    assert proc.stderr == "dutctl: unknown agents or groups: nope, group:ghost\n"
+    assert tasks_of(admin) == []
+    assert admin.json("run", "nope", "--", "true", expect_rc=2)["msg"] == "unknown agent or group: nope"
+
+
+def test_timeout_cancels_tasks_no_agent_took_and_returns_on_time(admin: Ctl, lab: Agents) -> None:
+    started = time.monotonic()
+    doc = admin.json("run", "lab-9", "--timeout", "0.5", "--", "echo never", expect_rc=1)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 3
+    (result,) = doc["results"]
+    assert result["outcome"] == "timed_out" and result["state"] == "cancelled"
+    assert [t["state"] for t in tasks_of(admin)] == ["cancelled"]  # never runs later
+
+
+def test_timeout_of_a_running_command_is_reported_and_its_result_kept(
+        admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "lab-1", "--timeout", "0.3", "--", "sleep 1; echo late")
+
+    assert proc.returncode == 1
+    assert "lab-1: timed out: still running on the agent" in proc.stderr
+    wait_until(lambda: tasks_of(admin)[0]["state"] == "done", timeout_s=5)
+    assert tasks_of(admin)[0]["result"]["output"] == "late\n"
+
+
+def test_sigterm_while_waiting_cancels_queued_tasks(admin: Ctl, lab: Agents) -> None:
+    proc = admin.popen("run", "lab-9", "--timeout", "30", "--", "echo never")
+    wait_until(lambda: [t["state"] for t in tasks_of(admin)] == ["queued"])
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+
+    assert proc.returncode == 130, err
+    assert out == ""
+    assert "lab-9: interrupted: the agent did not pick the task up before dutctl was interrupted" \
+        in err
+    assert [t["state"] for t in tasks_of(admin)] == ["cancelled"]
+
+
+def test_progress_is_shown_on_a_terminal_only(admin: Ctl, lab: Agents) -> None:
+    leader, follower = pty.openpty()
+    proc = subprocess.run(
+        [PYTHON, str(DUTCTL), "run", "group:lab", "--timeout", "0.5", "--", "true"],
+        stdout=subprocess.PIPE, stderr=follower, text=True, env=admin.env, timeout=20, check=False)
+    os.close(follower)
+    progress = os.read(leader, 65536).decode()
+    os.close(leader)
+
+    assert proc.returncode == 1
+    assert "3/4 answered" in progress and "\x1b[K" in progress
+    assert proc.stdout.startswith("3 agents: exit 0, same output\n")
+
+
+def test_no_wait_prints_task_ids_and_leaves_tasks_for_offline_agents(
+        admin: Ctl, lab: Agents) -> None:
+    proc = admin("run", "lab-9,lab-1", "--no-wait", "--", "echo later")
+
+    assert proc.returncode == 0
+    ids = dict(line.split("\t")[::-1] for line in proc.stdout.splitlines())
+    assert set(ids) == {"lab-9", "lab-1"}
+    wait_until(lambda: admin.json("history", ids["lab-1"])["task"]["state"] == "done")
+    assert admin.json("history", ids["lab-9"])["task"]["state"] == "queued"
+
+
+def test_task_values_are_json_when_they_parse_else_text(
+        admin: Ctl, lab: Agents, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("from a file\n")
+
+    doc = admin.json("task", "custom", "lab-9", "--no-wait", "n=5", "flag=true", 'obj={"a": 1}',
+                     "word=hello", 'quoted="5"', f"text=@{note}", "empty=")
+    task = admin.json("history", str(doc["tasks"][0]["id"]))["task"]
+
+    assert task["type"] == "custom"
+    assert task["payload"] == {"n": 5, "flag": True, "obj": {"a": 1}, "word": "hello",
+                               "quoted": "5", "text": "from a file\n", "empty": ""}
+
+
+def test_task_of_any_type_groups_identical_results(admin: Ctl, lab: Agents) -> None:
+    proc = admin("task", "ping", "group:lab", "--timeout", "0.5")
+
+    assert proc.returncode == 1  # lab-9 is offline
+    assert proc.stdout.startswith("3 agents: ok, same result\n1 agent: timed out\n")
+    assert proc.stdout.count('"pong": true') == 1
+
+
+def test_task_error_from_the_agent_is_a_failure(admin: Ctl, lab: Agents) -> None:
+    doc = admin.json("task", "no_such_type", "lab-1", expect_rc=1)
+
+    (result,) = doc["results"]
+    assert result["outcome"] == "failed" and result["state"] == "failed"
+    assert result["msg"]
+    proc = admin("task", "no_such_type", "lab-1")
+    assert proc.returncode == 1 and proc.stderr.startswith("dutctl: lab-1: error: ")
+
+
+def test_task_rejects_malformed_fields_before_submitting(admin: Ctl, lab: Agents) -> None:
+    assert admin("task", "ping", "lab-1", "novalue").returncode == 2
+    proc = admin("task", "readfile", "lab-1", "path=@/does/not/exist")
+    assert proc.returncode == 2 and "cannot read the file" in proc.stderr
+    assert tasks_of(admin) == []
