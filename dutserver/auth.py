@@ -163,15 +163,28 @@ class Auth:
             self.sessions[digest] = Session(account, created, used)
         self._drop_invalid_sessions(now)
 
-    async def refresh(self) -> None:
-        """Re-reads the accounts when their revision changed (the CLI bumps it on each change)."""
+    async def refresh(self) -> bool:
+        """Re-reads the accounts when their revision changed (the CLI bumps it on each change).
+
+        Returns whether anything changed."""
         rev = await self.db.read(store.accounts_rev)
         if rev == self._rev:
-            return
+            return False
         rows = await self.db.read(store.accounts_all)
+        before = self.accounts
         self.accounts = {r[0]: Account(r[0], r[1], r[2]) for r in rows}
+        for name, acc in before.items():  # a changed password ends the account's sessions
+            now = self.accounts.get(name)
+            if now is not None and now.secret_hash != acc.secret_hash:
+                self.revoke_account(name)
         self._rev = rev
         self._drop_invalid_sessions(store.now_ms())
+        return True
+
+    async def knows(self, names: list[str]) -> None:
+        """Makes sure an account the CLI added a moment ago is seen before we call it unknown."""
+        if any(n not in self.accounts for n in names):
+            await self.refresh()
 
     def _drop_invalid_sessions(self, now: int) -> None:
         for digest, sess in list(self.sessions.items()):
@@ -185,21 +198,25 @@ class Auth:
 
     # --- agents ------------------------------------------------------------------------------
 
-    def agent(self, header: str | None, address: str) -> str:
+    async def agent(self, header: str | None, address: str) -> str:
         """The agent named by an Authorization header (Basic or classic name:secret), or 403."""
         name, secret = parse_credentials(header)
         if name is None:
             raise ApiError(403, "Authorization failure")
         self.throttle.check(name, address)
-        acc = self.accounts.get(name)
         digest = AGENT_PREFIX + hmac.new(self.key, secret.encode(), hashlib.sha256).hexdigest()
-        if acc is not None and acc.kind == "agent" and hmac.compare_digest(digest, acc.secret_hash):
+        if self._agent_matches(name, digest) or (await self.refresh() and
+                                                 self._agent_matches(name, digest)):
             return name
         self._failure(name, address, "agent_auth_failed")
         raise ApiError(403, "Authorization failure")
 
+    def _agent_matches(self, name: str, digest: str) -> bool:
+        acc = self.accounts.get(name)
+        return (acc is not None and acc.kind == "agent"
+                and hmac.compare_digest(digest, acc.secret_hash))
+
     def _failure(self, name: str, address: str, action: str) -> None:
-        log.warning("%s: %s from %s", action, name, address)
         self.db.audit(name, action, "bad credentials", address)
         banned = self.throttle.failed(name, address)
         if banned:
@@ -212,6 +229,7 @@ class Auth:
         if not isinstance(user, str) or not isinstance(password, str) or not user:
             raise ApiError(403, "Invalid credentials")
         self.throttle.check(user, address)
+        await self.knows([user])
         acc = self.accounts.get(user)
         is_admin = acc is not None and acc.kind == "admin"
         stored = acc.secret_hash if (acc is not None and is_admin) else _DUMMY_HASH

@@ -96,6 +96,8 @@ class Tasks:
     async def submit(self, targets: Sequence[str], body: Any, submitted_by: str,
                      expires_s: float | None, address: str | None) -> list[Task]:
         """Non-blocking submit: returns once the tasks are durably stored."""
+        if isinstance(targets, list):
+            await self.auth.knows([t for t in targets if isinstance(t, str)])
         tasks, inserted = self.create(targets, body, submitted_by, expires_s, address)
         await inserted
         return tasks
@@ -105,6 +107,7 @@ class Tasks:
                               address: str | None) -> list[dict[str, Any] | None]:
         """Blocking submit: each target's result, or None where none came in time."""
         loop = asyncio.get_running_loop()
+        await self.auth.knows(list(targets))
         tasks, _ = self.create(targets, body, submitted_by, None, address)
         for task in tasks:
             task.waiter = loop.create_future()

@@ -57,17 +57,20 @@ def cli(*args: str, stdin: str = "", check: bool = True) -> subprocess.Completed
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """A bare HTTP call with the standard library: (status, headers, body). Never raises on 4xx/5xx."""
+         timeout: float = 10.0) -> tuple[int, Any, bytes]:
+    """A bare HTTP call with the standard library: (status, headers, body).
+
+    headers is the case-insensitive email.message.Message of http.client. Never raises on
+    4xx/5xx."""
     data = None
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 @dataclass
@@ -149,3 +152,57 @@ def start_server(tmp_path: Path, *args: str, admin: bool = True) -> RunningServe
     if admin:
         cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
     return RunningServer(db=db, args=[*FAST_ARGS, *args]).start()
+
+
+def basic(name: str, secret: str) -> dict[str, str]:
+    """HTTP Basic agent credentials."""
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()}
+
+
+def loads(body: bytes) -> Any:
+    return json.loads(body) if body else None
+
+
+class PollingAgent:
+    """A protocol-level agent in a thread: polls GET /tasks and answers with answer(task).
+
+    For server tests that need an agent but are about the server; the real agent
+    (cli/dutagent.py) has its own end-to-end tests."""
+
+    def __init__(self, url: str, name: str, secret: str,
+                 answer: Any = lambda task: {"echo": task}) -> None:
+        import threading
+        self.url, self.name, self.secret, self.answer = url, name, secret, answer
+        self.received: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "PollingAgent":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        headers = basic(self.name, self.secret)
+        while not self._stop.is_set():
+            try:
+                status, _, body = http("GET", f"{self.url}/tasks", headers=headers, timeout=5)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            self.statuses.append(status)
+            if status != 200:
+                time.sleep(0.05)
+                continue
+            task = json.loads(body)
+            if not task:
+                continue
+            self.received.append(task)
+            result = self.answer(task)
+            if result is not None:
+                http("POST", f"{self.url}/tasks_result?id={task['id']}", result, headers)

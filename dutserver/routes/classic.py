@@ -26,8 +26,9 @@ def require_session(req: Request) -> str:
     return user  # type: ignore[no-any-return]
 
 
-def require_agent(req: Request) -> str:
-    return req.state["auth"].agent(req.header(b"authorization"), req.address)  # type: ignore
+async def require_agent(req: Request) -> str:
+    return await req.state["auth"].agent(  # type: ignore[no-any-return]
+        req.header(b"authorization"), req.address)
 
 
 def agent_version(req: Request) -> str | None:
@@ -152,7 +153,7 @@ async def submit_task(req: Request) -> Reply:
 
 async def poll_task(req: Request) -> Reply:
     """The agent's long-poll: the oldest queued task, or {} when the poll times out."""
-    agent = require_agent(req)
+    agent = await require_agent(req)
     dispatcher = req.state["dispatcher"]
     slot = dispatcher.poll_started(agent, req.address, agent_version(req))
     gone = req.gone()
@@ -168,7 +169,7 @@ async def poll_task(req: Request) -> Reply:
 
 async def post_result(req: Request) -> Reply:
     """The agent posts the result of task `id`."""
-    agent = require_agent(req)
+    agent = await require_agent(req)
     raw_id = req.query.get("id", "")
     if not raw_id.isdigit() or len(raw_id) > 18:
         raise ApiError(400, "Missing or invalid id parameter")
