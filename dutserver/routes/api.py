@@ -15,6 +15,7 @@ from dutserver.routes.classic import create_account
 from dutserver.routes.common import Endpoint, Reply, Request, float_param, int_param, ok
 from dutserver.tasks import Tasks, iso
 
+MAX_ID = 2**63 - 1  # SQLite's INTEGER; no task id can be larger
 STATES = ("queued", "delivered", "done", "failed", "cancelled", "expired")
 
 
@@ -26,6 +27,13 @@ def require_admin(req: Request) -> str:
             raise ApiError(403, "Agent credentials cannot use the admin API")
         raise ApiError(401, "Not logged in, or the session expired")
     return user  # type: ignore[no-any-return]
+
+
+def path_task_id(req: Request) -> int:
+    task_id: int = req.path_params["task_id"]
+    if task_id > MAX_ID:
+        raise ApiError(404, f"Unknown task: {task_id}")
+    return task_id
 
 
 async def session_info(req: Request) -> Reply:
@@ -58,7 +66,7 @@ async def get_task(req: Request) -> Reply:
     """One task with its state and result; wait_s waits for a final state."""
     require_admin(req)
     tasks: Tasks = req.state["tasks"]
-    task_id = req.path_params["task_id"]
+    task_id = path_task_id(req)
     wait_s = float_param(req, "wait_s", 0.0, 60.0) if req.query.get("wait_s") else 0.0
     view = await (tasks.wait_final(task_id, wait_s) if wait_s else tasks.view(task_id))
     return ok({"task": view})
@@ -76,11 +84,13 @@ async def list_tasks(req: Request) -> Reply:
         try:
             ids = [int(x) for x in q["ids"].split(",")]
         except ValueError:
-            raise ApiError(400, "Invalid ids parameter: use a comma list of task ids") from None
+            ids = [-1]
+        if not all(0 <= i <= MAX_ID for i in ids):
+            raise ApiError(400, "Invalid ids parameter: use a comma list of task ids")
         if len(ids) > 1000:
             raise ApiError(400, "Invalid ids parameter: at most 1000 ids")
     limit = int_param(req, "limit", 100, minimum=1, maximum=1000)
-    before = int_param(req, "before_id", None, minimum=0)
+    before = int_param(req, "before_id", None, minimum=0, maximum=MAX_ID)
     tasks: Tasks = req.state["tasks"]
     views = await tasks.history(q.get("target") or None, state, q.get("submitted_by") or None,
                                 before, ids, limit or 100)
@@ -91,7 +101,7 @@ async def cancel_task(req: Request) -> Reply:
     """Cancel a task that was not yet delivered (409 once it left the queue)."""
     user = require_admin(req)
     tasks: Tasks = req.state["tasks"]
-    view = await tasks.cancel(req.path_params["task_id"], user, req.address)
+    view = await tasks.cancel(path_task_id(req), user, req.address)
     return ok({"task": view})
 
 
@@ -193,7 +203,7 @@ async def audit_log(req: Request) -> Reply:
     """Audit events, newest first; before_id pages."""
     require_admin(req)
     limit = int_param(req, "limit", 100, minimum=1, maximum=1000)
-    before = int_param(req, "before_id", None, minimum=0)
+    before = int_param(req, "before_id", None, minimum=0, maximum=MAX_ID)
     await req.state["store"].barrier()
     rows = await req.state["store"].read(store.audit_rows, before, limit or 100)
     return ok({"events": [{"id": r[0], "at": iso(r[1]), "actor": r[2], "action": r[3],

@@ -12,7 +12,7 @@ from starlette.staticfiles import StaticFiles
 from dutserver import __version__
 from dutserver.assets import client_program, web_dir
 from dutserver.errors import ApiError
-from dutserver.routes.common import Endpoint, Reply, Request, ok
+from dutserver.routes.common import Endpoint, Receive, Reply, Request, Scope, Send, ok, send_reply
 
 
 async def healthz(req: Request) -> Reply:
@@ -50,8 +50,31 @@ def routes() -> list[BaseRoute]:
         Route("/readyz", Endpoint({"GET": readyz}, **public)),
         Route("/openapi.json", Endpoint({"GET": openapi}, **public)),
         Route("/agent/dutagent.py", Endpoint({"GET": agent_program}, **public)),
-        Mount("/", StaticFiles(directory=web_dir(), html=True, check_dir=False), name="web"),
+        Mount("/", WebFiles(), name="web"),
     ]
+
+
+class WebFiles:
+    """The web client's files; any other method than GET/HEAD is 405 on a file, 404 elsewhere.
+
+    (StaticFiles alone answers 405 for every path, so a mistyped API path would look like a
+    wrong method.)"""
+
+    def __init__(self) -> None:
+        self.root = web_dir()
+        self.files = StaticFiles(directory=self.root, html=True, check_dir=False)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in ("GET", "HEAD"):
+            await self.files(scope, receive, send)
+            return
+        relative = scope["path"][len(scope.get("root_path", "")):].lstrip("/") or "index.html"
+        target = (self.root / relative).resolve()
+        exists = target.is_file() and target.is_relative_to(self.root.resolve())
+        error = (ApiError(405, f"Method {scope['method']} not allowed; use GET", {"Allow": "GET"})
+                 if exists else ApiError(404, "Not found"))
+        await send_reply(send, Reply(error.status, error.body(), b"application/json",
+                                     error.headers))
 
 
 def build_openapi(routes: list[BaseRoute]) -> bytes:
