@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.actors import (
     AgentFleet,
@@ -20,7 +21,9 @@ from bench.actors import (
     online_agents,
     unique_prefix,
 )
+from bench.drive import Window
 from bench.loadgen import Connection, Target
+from bench.profile import ServerProfile
 from bench.servers import BENCH_ADMIN, ServerProcess, dutserver, workdir
 
 
@@ -37,6 +40,8 @@ class Env:
     server_args: list[str] = field(default_factory=list)  # extra flags for our dutserver
     calibrate_per_s: float | None = None
     keep_workdir: bool = False
+    profile_dir: Path | None = None  # with py_spy: where server profiles of load windows go
+    py_spy: str | None = None
 
     @property
     def external(self) -> bool:
@@ -92,6 +97,14 @@ class Handle:
                 await asyncio.sleep(interval_s)
         finally:
             conn.close()
+
+    def profile(self, name: str, window: Window) -> ServerProfile | None:
+        """A py-spy profile of this server during window, when asked for on the command line."""
+        if self.process is None or self.env.profile_dir is None or self.env.py_spy is None:
+            return None
+        self.env.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = self.env.profile_dir / f"{name}.collapsed.txt"
+        return ServerProfile(self.env.py_spy, self.process.pid, window, out)
 
     def fleet(self, creds: list[Credentials], **kwargs: object) -> AgentFleet:
         return AgentFleet(self.target, creds, classic_auth=self.env.classic_agents, **kwargs)

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import ssl
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -364,58 +361,5 @@ def _time_out(waiter: asyncio.Future[Response]) -> None:
         waiter.set_exception(TimeoutError("no response in time"))
 
 
-@dataclass
-class Stats:
-    """Latencies of successful requests and counts of failures, inside one measurement window."""
-
-    latencies_s: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-
-    def ok(self, latency_s: float) -> None:
-        self.latencies_s.append(latency_s)
-
-    def error(self, kind: str) -> None:
-        self.errors[kind] += 1
-
-    @property
-    def count(self) -> int:
-        return len(self.latencies_s)
-
-    def percentile_ms(self, p: float) -> float | None:
-        """Nearest-rank percentile in milliseconds; None without samples."""
-        if not self.latencies_s:
-            return None
-        ordered = sorted(self.latencies_s)
-        rank = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
-        return round(ordered[rank] * 1000, 3)
-
-    def summary(self, elapsed_s: float) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "per_s": round(self.count / elapsed_s, 1) if elapsed_s > 0 else None,
-            "p50_ms": self.percentile_ms(50),
-            "p99_ms": self.percentile_ms(99),
-            "max_ms": self.percentile_ms(100),
-            "errors": sum(self.errors.values()),
-            "error_kinds": dict(self.errors),
-        }
-
-
 def error_kind(exc: BaseException) -> str:
     return type(exc).__name__
-
-
-class Window:
-    """The measurement window of a run: a warm-up, then `duration_s` during which results count."""
-
-    def __init__(self, warmup_s: float, duration_s: float) -> None:
-        now = time.monotonic()
-        self.start = now + warmup_s
-        self.end = self.start + duration_s
-
-    def counts(self, sent_at: float) -> bool:
-        """Counts a request by when it was sent, so a stalled one in the window is not lost."""
-        return self.start <= sent_at < self.end
-
-    def closed(self) -> bool:
-        return time.monotonic() >= self.end

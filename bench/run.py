@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from bench.durable import DurableSizes, durable
@@ -57,12 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra argument for every dutserver started (repeatable), "
                         "e.g. --server-arg=--poll-timeout-s --server-arg=26")
     p.add_argument("--keep-workdir", action="store_true", help="keep databases and server logs")
+    p.add_argument("--profile-dir", type=Path, metavar="DIR",
+                   help="profile the server during the roundtrip run with py-spy into DIR")
+    p.add_argument("--py-spy", default=shutil.which("py-spy"), metavar="PATH",
+                   help="the py-spy program for --profile-dir (default: py-spy on PATH)")
     args = p.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if args.url and not args.admin:
         p.error("--url needs --admin USER:PASS")
+    if args.profile_dir and not args.py_spy:
+        p.error("--profile-dir needs py-spy: pip install --target DIR py-spy; --py-spy DIR/bin/py-spy")
     return args
 
 
@@ -93,7 +101,8 @@ async def main(args: argparse.Namespace) -> int:
     log(f"file descriptor limit {raise_fd_limit()}")
     admin = tuple(args.admin.split(":", 1)) if args.admin else None
     env = Env(url=args.url, classic_agents=args.classic_agents, server_args=args.server_arg,
-              calibrate_per_s=args.calibrate_per_s, keep_workdir=args.keep_workdir)
+              calibrate_per_s=args.calibrate_per_s, keep_workdir=args.keep_workdir,
+              profile_dir=args.profile_dir, py_spy=args.py_spy)
     if admin is not None:
         env.admin = (admin[0], admin[1])
     tp, idle_sizes, fan, dur = sizes_from(args)

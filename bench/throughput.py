@@ -8,9 +8,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from bench.drive import CpuMeter, closed_loop, open_loop, ratio
+from bench.drive import CpuMeter, Window, closed_loop, open_loop, ratio
 from bench.env import Env, log
-from bench.loadgen import Connection, Response, Target, Window
+from bench.loadgen import Connection, Response, Target
+from bench.profile import format_profile
 from bench.servers import calibrate_server, workdir
 
 HELLO = b"Hello, world!"
@@ -70,7 +71,7 @@ def _ping_submitter(names: list[str]) -> Any:
     async def submit(conn: Connection) -> str | None:
         target = random.choice(names)
         r: Response = await conn.request("POST", f"/tasks?target={target}", PING_TASK,
-                                         {"Content-Type": "application/json"}, timeout_s=30)
+                                         timeout_s=30)
         if r.status != 200:
             return f"http {r.status}"
         result = r.json()
@@ -91,14 +92,20 @@ async def roundtrip(env: Env, sizes: ThroughputSizes) -> dict[str, Any]:
             await srv.wait_online(creds, timeout_s=60)
             token = await srv.token()
             submit = _ping_submitter([c.name for c in creds])
-            headers = {"Authorization": token}
+            headers = {"Authorization": token, "Content-Type": "application/json"}
 
             conns = [Connection(srv.target, headers) for _ in range(sizes.clients)]
             window = Window(sizes.warmup_s, sizes.duration_s)
             cpu = CpuMeter(srv.process.pid if srv.process else None, window)
+            profile = srv.profile("roundtrip", window)
             log(f"roundtrip: closed loop, {sizes.agents} agents, {sizes.clients} clients")
             full = (await closed_loop(conns, submit, window)).summary(sizes.duration_s)
             full_cpu = await cpu.done()
+            if profile is not None:
+                profile_summary = await profile.summary()
+                log("roundtrip: server profile\n" + format_profile(profile_summary))
+                full_cpu["profile"] = profile_summary.get("profile",
+                                                          profile_summary.get("profile_error"))
             for c in conns:
                 c.close()
 

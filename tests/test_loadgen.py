@@ -17,9 +17,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.actors import AgentFleet, create_agents, login
-from bench.drive import closed_loop, open_loop
+from bench.drive import Stats, Window, closed_loop, open_loop
 from bench.durable import _account
-from bench.loadgen import Connection, ProtocolError, Stats, Target, Window
+from bench.loadgen import Connection, ProtocolError, Target
 
 
 @dataclass
@@ -217,11 +217,13 @@ def test_durable_accounting_finds_lost_and_duplicated_tasks() -> None:
         3, 1, 1, 2)
 
 
-async def test_bench_agents_answer_the_real_server(server: RunningServer) -> None:
+@pytest.mark.parametrize("classic_auth", [False, True], ids=["basic-auth", "classic-auth"])
+async def test_bench_agents_answer_the_real_server(server: RunningServer,
+                                                   classic_auth: bool) -> None:
     target = Target.from_url(server.url)
     token = await login(target, *ADMIN)
     creds = await create_agents(target, token, ["bench-a", "bench-b"], parallel=2)
-    fleet = AgentFleet(target, creds)
+    fleet = AgentFleet(target, creds, classic_auth=classic_auth)
     fleet.start()
     conn = Connection(target, {"Authorization": token})
     try:
