@@ -1,0 +1,2067 @@
+#!/usr/bin/env python3
+"""dutagent: the dutserver agent.
+
+One file, standard library only, Python >= 3.9, Linux, macOS and Windows. It
+long-polls the server for tasks (PROTOCOL.md part 1), runs each in its own
+thread (part 3) and posts the result back.
+
+    dutagent register --server https://dut.example.com:8443
+    dutagent run
+"""
+
+# The agent runs on Python 3.9, where datetime.UTC does not exist and socket.timeout is
+# not yet TimeoutError: keep the old spellings.
+# ruff: noqa: UP017, UP041
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import datetime
+import hashlib
+import http.client
+import json
+import logging
+import logging.handlers
+import math
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+__version__ = "1.0.0"
+
+USER_AGENT = "dutagent/" + __version__
+IS_WINDOWS = os.name == "nt"
+IS_MACOS = sys.platform == "darwin"
+IS_LINUX = sys.platform.startswith("linux")
+MIB = 1024 * 1024
+
+# Windows process creation flags (not all are exported by `subprocess` before 3.7 / on POSIX).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+
+# How long the agent still reads a command's pipes after the shell exited: a background
+# process that inherited them (`server &`) would otherwise hold the task forever.
+PIPE_DRAIN_S = 0.5
+# After the grace period, running commands are killed; this is how long their error
+# results then get to reach the server before the agent exits anyway.
+KILL_POST_WINDOW_S = 3.0
+# Answers to polls and results are small; anything bigger than this is garbage.
+MAX_SMALL_ANSWER_BYTES = 64 * 1024
+# An empty poll answer faster than this means the server is not long-polling
+# (misconfigured, or a proxy answering); back off instead of spinning.
+FAST_EMPTY_POLL_S = 0.1
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+log = logging.getLogger("dutagent")
+
+JsonDict = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- settings
+
+class Option:
+    """One setting: a command-line flag, a DUTAGENT_* environment variable and a config-file key."""
+
+    def __init__(self, name: str, kind: type, default: Any, help: str,
+                 commands: tuple[str, ...] = ("run",), in_file: bool = True) -> None:
+        self.name = name
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.commands = commands
+        self.in_file = in_file
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "DUTAGENT_" + self.name.upper()
+
+
+BOTH = ("register", "run")
+OPTIONS: list[Option] = [
+    Option("server", str, None, "server URL, e.g. https://dut.example.com:8443", BOTH),
+    Option("name", str, None, "agent name (register: default the host name)", BOTH),
+    Option("secret", str, None, "agent secret; prefer the config file or DUTAGENT_SECRET, "
+           "since other users can see command lines"),
+    Option("config", str, None, "config file (default: see `dutagent --help`)", BOTH, in_file=False),
+    Option("classic", bool, False, "speak the classic protocol (Authorization: name:secret, "
+           "/task_result) to an unmodified classic dutserver", BOTH),
+    Option("ca_file", str, None, "PEM file of the CA that signed the server's certificate", BOTH),
+    Option("insecure", bool, False, "do NOT verify the server's TLS certificate (dangerous)", BOTH),
+    Option("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR", BOTH),
+    Option("log_file", str, None, "also log to this file (rotated at 5 MiB)"),
+    Option("max_tasks", int, 4, "tasks run at once"),
+    Option("poll_timeout_s", float, 35.0, "seconds without an answer to a poll before the server "
+           "counts as dead; must exceed the server's poll timeout (26 s by default)"),
+    Option("backoff_min_s", float, 1.0, "first retry delay ceiling after a failure"),
+    Option("backoff_max_s", float, 60.0, "retry delay ceiling (delays are random below it)"),
+    Option("forbidden_backoff_s", float, 120.0, "delay after the server refused the credentials"),
+    Option("grace_s", float, 30.0, "on SIGTERM, how long running tasks may still finish"),
+    Option("cmd_timeout_s", float, 3600.0, "execute_cmd timeout when the task gives none (0: none)"),
+    Option("max_output_bytes", int, MIB, "execute_cmd keeps at most this much of stdout and of stderr"),
+    Option("max_result_bytes", int, MIB, "largest result body posted (the server's limit)"),
+    Option("max_task_bytes", int, 32 * MIB, "largest task answer accepted from the server"),
+]
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+class Settings:
+    """The resolved settings: flags > DUTAGENT_* environment > config file > defaults."""
+
+    server: str
+    name: str
+    secret: str
+    config: str | None
+    classic: bool
+    ca_file: str | None
+    insecure: bool
+    log_level: str
+    log_file: str | None
+    max_tasks: int
+    poll_timeout_s: float
+    backoff_min_s: float
+    backoff_max_s: float
+    forbidden_backoff_s: float
+    grace_s: float
+    cmd_timeout_s: float
+    max_output_bytes: int
+    max_result_bytes: int
+    max_task_bytes: int
+
+    def __init__(self, values: JsonDict) -> None:
+        for option in OPTIONS:
+            setattr(self, option.name, values.get(option.name, option.default))
+
+
+class UsageError(Exception):
+    """Bad settings or arguments: printed as one line, exit status 2."""
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def coerce(option: Option, value: Any, origin: str) -> Any:
+    """Converts a value from the environment (str) or the config file (JSON) to the option's type."""
+    if value is None:
+        return None
+    try:
+        if option.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                return parse_bool(value)
+        elif option.kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                return int(value.strip())
+        elif option.kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value.strip())
+        elif isinstance(value, str):
+            return value
+    except ValueError:
+        pass
+    raise UsageError(f"{origin}: {option.name} must be a {option.kind.__name__}, not {value!r}")
+
+
+def default_config_path() -> str:
+    """The user's config folder, or a system path for root/administrators (services)."""
+    if IS_WINDOWS:
+        if windows_is_admin():
+            base = os.environ.get("PROGRAMDATA") or r"C:\ProgramData"
+        else:
+            base = os.environ.get("APPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Roaming")
+        return os.path.join(base, "dutagent", "agent.json")
+    if os.geteuid() == 0:
+        return "/etc/dutagent/agent.json"
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "dutagent", "agent.json")
+
+
+def windows_is_admin() -> bool:
+    try:
+        import ctypes
+        return bool(ctypes.windll.shell32.IsUserAnAdmin())  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+def read_config_file(path: str) -> JsonDict:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path}: not a JSON object")
+    values: JsonDict = {}
+    for key, value in data.items():
+        option = OPTION_BY_NAME.get(key)
+        if option is None or not option.in_file:
+            log.warning("config file %s: unknown key %r ignored", path, key)
+            continue
+        values[key] = coerce(option, value, f"config file {path}")
+    if not IS_WINDOWS:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            log.warning("config file %s holds the agent secret but other users may read it "
+                        "(mode %o): run chmod 600 %s", path, stat.S_IMODE(mode), path)
+    return values
+
+
+def resolve_settings(args: argparse.Namespace, command: str, environ: dict[str, str]) -> tuple[Settings, str, bool]:
+    """Merges flags > environment > config file > defaults; returns (settings, config path, file found)."""
+    from_flags = {o.name: getattr(args, o.name) for o in OPTIONS
+                  if command in o.commands and getattr(args, o.name, None) is not None}
+    from_env = {}
+    for option in OPTIONS:
+        if command in option.commands and environ.get(option.env) not in (None, ""):
+            from_env[option.name] = coerce(option, environ[option.env], option.env)
+    config_path = from_flags.get("config") or from_env.get("config")
+    explicit = config_path is not None
+    config_path = os.path.abspath(config_path or default_config_path())
+    from_file: JsonDict = {}
+    found = False
+    if command == "run":
+        try:
+            from_file = read_config_file(config_path)
+            found = True
+        except FileNotFoundError:
+            if explicit:
+                raise UsageError(f"config file not found: {config_path}") from None
+        except PermissionError:
+            if explicit:
+                raise UsageError(f"cannot read config file {config_path}: permission denied") from None
+            # An unreadable file at the default place (another user's HOME, say) matters only
+            # when the settings it would give are missing, and then main() says so.
+            log.warning("cannot read config file %s: permission denied; going on without it", config_path)
+    merged = {**from_file, **from_env, **from_flags, "config": config_path}
+    return Settings(merged), config_path, found
+
+
+def validate_settings(s: Settings) -> None:
+    if s.server is not None:
+        parts = urllib.parse.urlsplit(s.server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"server must be an http:// or https:// URL, not {s.server!r}")
+    if s.name is not None and not NAME_RE.match(s.name):
+        raise UsageError(f"invalid agent name {s.name!r}: use 1..64 characters of A-Z a-z 0-9 . _ -")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"log level must be DEBUG, INFO, WARNING or ERROR, not {s.log_level!r}")
+    if s.ca_file is not None and not os.path.isfile(s.ca_file):
+        raise UsageError(f"CA file not found: {s.ca_file}")
+    for name in ("max_tasks", "max_output_bytes", "max_result_bytes", "max_task_bytes"):
+        if getattr(s, name) < 1:
+            raise UsageError(f"{name} must be at least 1")
+    for name in ("poll_timeout_s", "backoff_min_s", "backoff_max_s", "forbidden_backoff_s"):
+        if not getattr(s, name) > 0:
+            raise UsageError(f"{name} must be above 0")
+    if s.grace_s < 0 or s.cmd_timeout_s < 0:
+        raise UsageError("grace_s and cmd_timeout_s must not be negative")
+    if s.backoff_min_s > s.backoff_max_s:
+        raise UsageError("backoff_min_s must not exceed backoff_max_s")
+
+
+# --------------------------------------------------------------------------- HTTP
+
+class Reply:
+    """A complete HTTP answer."""
+
+    def __init__(self, status: int, body: bytes, retry_after_s: float | None) -> None:
+        self.status = status
+        self.body = body
+        self.retry_after_s = retry_after_s
+
+    def message(self) -> str:
+        """The server's {"msg": …} when it sent one, else a short excerpt of the body."""
+        try:
+            data = json.loads(self.body)
+            if isinstance(data, dict) and isinstance(data.get("msg"), str):
+                return str(data["msg"])
+        except (ValueError, RecursionError):
+            pass  # not JSON: the excerpt below tells what it was
+        return excerpt(self.body)
+
+
+class BadAnswer(Exception):
+    """The server answered something that is not what the protocol says."""
+
+
+class Aborted(Exception):
+    """The connection was closed on purpose because the agent is stopping."""
+
+
+def excerpt(data: Any, limit: int = 200) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else repr(data)
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "no answer in time"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message}); use --ca-file"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"truncated answer ({len(exc.partial)} bytes received)"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if not isinstance(exc, (OSError, BadAnswer)) else text
+
+
+# Errors of a keep-alive connection the server closed while it was idle: the request
+# never reached the server, so it is sent again at once on a fresh connection.
+STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
+                           BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError)
+
+
+class Endpoint:
+    """The server's address, parsed once."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.url = url
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.base_path = parts.path.rstrip("/")
+        self.ssl_context = ssl_context
+
+    def path(self, path: str) -> str:
+        return self.base_path + path
+
+    def new_connection(self, connect_timeout_s: float) -> http.client.HTTPConnection:
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=connect_timeout_s,
+                                               context=self.ssl_context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=connect_timeout_s)
+
+
+def make_ssl_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=ca_file)
+
+
+class HttpChannel:
+    """One persistent HTTP/1.1 connection to the server, re-opened when it breaks.
+
+    abort() may be called from another thread: it shuts the socket down, so a request
+    parked in a long-poll returns at once instead of after the poll timeout.
+    """
+
+    def __init__(self, endpoint: Endpoint, read_timeout_s: float) -> None:
+        self._endpoint = endpoint
+        self._read_timeout_s = read_timeout_s
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
+
+    def request(self, method: str, path: str, headers: dict[str, str],
+                body: bytes | None = None, max_body: int = MAX_SMALL_ANSWER_BYTES) -> Reply:
+        for attempt in (0, 1):
+            conn, reused = self._connection()
+            try:
+                return self._exchange(conn, method, path, headers, body, max_body)
+            except STALE_CONNECTION_ERRORS:
+                self._drop(conn)
+                if self._aborted:
+                    raise Aborted() from None
+                if reused and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                self._drop(conn)
+                if self._aborted:
+                    raise Aborted() from None
+                raise
+        raise AssertionError("unreachable")
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would tear the
+                # TLS object down under the feet of the thread that is reading from it.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            if self._aborted:
+                raise Aborted()
+            conn = self._conn
+        if conn is not None and conn.sock is not None:
+            return conn, True
+        conn = self._endpoint.new_connection(min(10.0, self._read_timeout_s))
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout_s)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:
+            pass
+        with self._lock:
+            self._conn = conn
+            aborted = self._aborted
+        if aborted:
+            conn.close()
+            raise Aborted()
+        return conn, False
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+        conn.close()
+
+    @staticmethod
+    def _exchange(conn: http.client.HTTPConnection, method: str, path: str,
+                  headers: dict[str, str], body: bytes | None, max_body: int) -> Reply:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        if resp.length is not None and resp.length > max_body:
+            conn.close()
+            raise BadAnswer(f"answer of {resp.length} bytes exceeds the limit of {max_body} bytes")
+        data = resp.read(max_body + 1)
+        if len(data) > max_body:
+            conn.close()
+            raise BadAnswer(f"answer exceeds the limit of {max_body} bytes")
+        if not resp.isclosed():
+            resp.read()
+        if resp.will_close:
+            conn.close()
+        retry_after: float | None = None
+        header = resp.getheader("Retry-After")
+        if header:
+            try:
+                retry_after = max(0.0, float(header))
+            except ValueError:
+                retry_after = None
+        return Reply(resp.status, data, retry_after)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: a random delay in [0, min(max, min·2^n)].
+
+    The randomness spreads thousands of agents over the whole window, so that a
+    restarted server is not hit by all of them in the same second.
+    """
+
+    def __init__(self, min_s: float, max_s: float) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self.failures = 0
+        self._rng = random.SystemRandom()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.max_s, self.min_s * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return self._rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def auth_header(name: str, secret: str, classic: bool) -> str:
+    if classic:
+        return f"{name}:{secret}"
+    token = base64.b64encode(f"{name}:{secret}".encode()).decode("ascii")
+    return "Basic " + token
+
+
+# --------------------------------------------------------------------------- task helpers
+
+class TaskError(Exception):
+    """A failure the agent detected; the result becomes {"error": true, "msg": …}."""
+
+
+class TaskContext:
+    """What a task handler may use besides its task object."""
+
+    def __init__(self, settings: Settings, cancel: threading.Event,
+                 download_context: ssl.SSLContext) -> None:
+        self.settings = settings
+        self.cancel = cancel
+        self.download_context = download_context
+
+
+def field_str(task: JsonDict, name: str, required: bool = True, allow_empty: bool = False) -> str | None:
+    value = task.get(name)
+    if value is None:
+        if required:
+            raise TaskError(f"missing field {name!r}")
+        return None
+    if not isinstance(value, str):
+        raise TaskError(f"field {name!r} must be a string")
+    if not value and not allow_empty:
+        raise TaskError(f"field {name!r} must not be empty")
+    if "\x00" in value:
+        raise TaskError(f"field {name!r} must not contain NUL characters")
+    return value
+
+
+def req_str(task: JsonDict, name: str) -> str:
+    value = field_str(task, name)
+    assert value is not None
+    return value
+
+
+def field_number(task: JsonDict, name: str, minimum: float = 0.0) -> float | None:
+    value = task.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TaskError(f"field {name!r} must be a number")
+    if value < minimum:
+        raise TaskError(f"field {name!r} must be at least {minimum:g}")
+    return float(value)
+
+
+def field_int(task: JsonDict, name: str, required: bool = False, minimum: int = 0) -> int | None:
+    value = task.get(name)
+    if value is None:
+        if required:
+            raise TaskError(f"missing field {name!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TaskError(f"field {name!r} must be an integer")
+    if value < minimum:
+        raise TaskError(f"field {name!r} must be at least {minimum}")
+    return int(value)
+
+
+def os_error_message(exc: OSError, path: str | None = None) -> str:
+    target = exc.filename if exc.filename is not None else path
+    where = f": {target}" if target is not None else ""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file or directory" + where
+    if isinstance(exc, PermissionError):
+        return "permission denied" + where
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory" + where
+    if isinstance(exc, NotADirectoryError):
+        return "not a directory" + where
+    if isinstance(exc, FileExistsError):
+        return "already exists" + where
+    return f"{exc.strerror or exc}{where}"
+
+
+def iso_utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_temp_beside(path: str) -> tuple[int, str]:
+    """Creates a new file next to `path` (same file system, so os.replace is atomic).
+
+    Mode 0o666 before the umask, like any new file, unlike tempfile.mkstemp's 0o600.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temp = os.path.join(directory, f".{os.path.basename(path)}.dutagent-{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temp, flags, 0o666), temp
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot create a temporary file in {directory}")
+
+
+def require_dir(path: str) -> None:
+    """A TaskError unless path is a directory (os.path.isdir would hide "permission denied")."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TaskError(f"no such directory: {path}") from None
+    except OSError as e:
+        raise TaskError(os_error_message(e, path)) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise TaskError(f"not a directory: {path}")
+
+
+def check_parent_dir(path: str) -> None:
+    """For a file about to be written: its directory exists and it is no directory itself."""
+    require_dir(os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(path):
+        raise TaskError(f"is a directory: {path}")
+
+
+def replace_keeping_mode(temp: str, path: str, mode: int | None) -> None:
+    """Moves temp over path; the file keeps its old mode and owner unless `mode` is given."""
+    try:
+        old = os.stat(path)
+    except OSError:
+        old = None
+    if mode is not None:
+        os.chmod(temp, mode)
+    elif old is not None:
+        os.chmod(temp, stat.S_IMODE(old.st_mode))
+    if old is not None and not IS_WINDOWS and os.geteuid() == 0:
+        try:
+            os.chown(temp, old.st_uid, old.st_gid)
+        except OSError:
+            pass
+    os.replace(temp, path)
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def run_quiet(argv: list[str], timeout_s: float = 30.0) -> str:
+    """Runs a helper program (ps, sysctl, who…); its stdout, or an OSError/CalledProcessError."""
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, timeout=timeout_s, check=True,
+                          creationflags=CREATE_NO_WINDOW if IS_WINDOWS else 0)
+    return decode_output(proc.stdout)
+
+
+def decode_output(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Windows console programs write in the OEM code page when their output is a pipe.
+        return data.decode("oem" if IS_WINDOWS else "utf-8", "replace")
+
+
+def run_powershell(script: str, timeout_s: float = 60.0) -> Any:
+    prefix = "[Console]::OutputEncoding=[Text.Encoding]::UTF8;$ErrorActionPreference='SilentlyContinue';"
+    out = run_quiet(["powershell", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass",
+                     "-Command", prefix + script], timeout_s)
+    return json.loads(out) if out.strip() else None
+
+
+# --------------------------------------------------------------------------- execute_cmd
+
+class _PipeReader(threading.Thread):
+    """Reads one pipe to its end, keeping the first `limit` bytes and discarding the rest
+    (the child must never block on a full pipe)."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        super().__init__(daemon=True, name="pipe-reader")
+        self._stream = stream
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._data = bytearray()
+        self.truncated = False
+
+    def run(self) -> None:
+        fd = self._stream.fileno()
+        try:
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                with self._lock:
+                    room = self._limit - len(self._data)
+                    if room > 0:
+                        self._data += chunk[:room]
+                    if len(chunk) > room:
+                        self.truncated = True
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+
+    def data(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+
+def kill_process_tree(proc: subprocess.Popen[bytes]) -> None:
+    if IS_WINDOWS:
+        try:
+            run_quiet(["taskkill", "/T", "/F", "/PID", str(proc.pid)], timeout_s=30)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        return
+    try:
+        # start_new_session made the shell the leader of its own process group.
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except OSError:
+            pass
+
+
+def task_execute_cmd(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    cmd = req_str(task, "cmd")
+    timeout_s = field_number(task, "timeout_s", minimum=0.001)
+    if timeout_s is None and ctx.settings.cmd_timeout_s > 0:
+        timeout_s = ctx.settings.cmd_timeout_s
+    cwd = field_str(task, "cwd", required=False)
+    if cwd is not None:
+        require_dir(cwd)
+    env_field = task.get("env")
+    env: dict[str, str] | None = None
+    if env_field is not None:
+        if not isinstance(env_field, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in env_field.items()):
+            raise TaskError("field 'env' must be an object of non-empty string names to string values")
+        env = dict(os.environ)
+        env.update(env_field)
+    started = time.monotonic()
+    try:
+        # Its own process group (POSIX session), so that a timeout can kill the whole tree.
+        proc = subprocess.Popen(cmd, shell=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=not IS_WINDOWS,
+                                creationflags=(CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW)
+                                if IS_WINDOWS else 0)
+    except OSError as e:
+        raise TaskError("cannot start the command: " + os_error_message(e)) from None
+    limit = ctx.settings.max_output_bytes
+    readers = [_PipeReader(proc.stdout, limit), _PipeReader(proc.stderr, limit)]
+    for reader in readers:
+        reader.start()
+    deadline = started + timeout_s if timeout_s else None
+    stopped_because: str | None = None
+    while True:
+        wait_s = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped_because = "timeout"
+        elif ctx.cancel.is_set():
+            stopped_because = "cancelled"
+        if stopped_because:
+            kill_process_tree(proc)
+            proc.wait()
+            break
+    for reader in readers:
+        reader.join(PIPE_DRAIN_S)
+    duration_s = time.monotonic() - started
+    result: JsonDict = {
+        "status_code": proc.returncode,
+        "output": decode_output(readers[0].data()),
+        "stderr": decode_output(readers[1].data()),
+        "duration_s": round(duration_s, 3),
+    }
+    if readers[0].truncated or readers[1].truncated:
+        result["truncated"] = True
+    if stopped_because == "timeout":
+        result["error"] = True
+        result["msg"] = f"timed out after {timeout_s:g} s; the command and its child processes were killed"
+    elif stopped_because == "cancelled":
+        result["error"] = True
+        result["msg"] = "the agent is stopping; the command and its child processes were killed"
+    return result
+
+
+# --------------------------------------------------------------------------- processes
+
+def task_proclist(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    if IS_LINUX and os.path.isdir("/proc/self"):
+        procs = linux_processes()
+    elif IS_WINDOWS:
+        procs = windows_processes()
+    else:
+        procs = ps_processes()
+    procs.sort(key=lambda p: p["id"])
+    return {"procs": procs}
+
+
+def linux_processes() -> list[JsonDict]:
+    users: dict[int, str] = {}
+    procs = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        base = "/proc/" + entry
+        try:
+            with open(base + "/status", "rb") as f:
+                status = f.read().decode("utf-8", "replace")
+            with open(base + "/cmdline", "rb") as f:
+                raw_cmdline = f.read()
+        except OSError:
+            continue  # the process ended while we looked
+        name = ""
+        uid = -1
+        for line in status.splitlines():
+            if line.startswith("Name:"):
+                name = line[5:].strip()
+            elif line.startswith("Uid:"):
+                fields = line.split()
+                uid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -1
+        args = [a for a in raw_cmdline.split(b"\x00")]
+        while args and args[-1] == b"":
+            args.pop()
+        procs.append({
+            "id": int(entry),
+            "name": name,
+            "user": user_name(uid, users),
+            "cmdline": b" ".join(args).decode("utf-8", "replace"),
+        })
+    return procs
+
+
+def user_name(uid: int, cache: dict[int, str]) -> str:
+    if uid < 0:
+        return ""
+    if uid not in cache:
+        try:
+            import pwd
+            cache[uid] = pwd.getpwuid(uid).pw_name
+        except (KeyError, ImportError):
+            cache[uid] = str(uid)
+    return cache[uid]
+
+
+def ps_processes() -> list[JsonDict]:
+    # Two calls, each with its free-text column last, so spaces in it cannot shift columns.
+    args_out = run_quiet(["ps", "-axww", "-o", "pid=,user=,args="])
+    comm_out = run_quiet(["ps", "-axww", "-o", "pid=,comm="])
+    return parse_ps_output(args_out, comm_out)
+
+
+def parse_ps_output(args_out: str, comm_out: str) -> list[JsonDict]:
+    names: dict[int, str] = {}
+    for line in comm_out.splitlines():
+        parts = line.strip().split(None, 1)
+        if parts and parts[0].isdigit():
+            names[int(parts[0])] = os.path.basename(parts[1].strip()) if len(parts) > 1 else ""
+    procs = []
+    for line in args_out.splitlines():
+        parts = line.strip().split(None, 2)
+        if len(parts) < 2 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        procs.append({"id": pid, "name": names.get(pid, ""), "user": parts[1],
+                      "cmdline": parts[2] if len(parts) > 2 else ""})
+    return procs
+
+
+WINDOWS_PROCLIST_PS = (
+    "$owners=@{};"
+    "try{foreach($p in (Get-Process -IncludeUserName -ErrorAction Stop)){$owners[[int]$p.Id]=[string]$p.UserName}}catch{};"
+    "$list=@(Get-CimInstance Win32_Process|ForEach-Object{[pscustomobject]@{id=[int]$_.ProcessId;"
+    "name=[string]$_.Name;user=[string]$owners[[int]$_.ProcessId];cmdline=[string]$_.CommandLine}});"
+    "ConvertTo-Json -InputObject $list -Compress"
+)
+
+
+def windows_processes() -> list[JsonDict]:
+    try:
+        return parse_powershell_procs(run_powershell(WINDOWS_PROCLIST_PS))
+    except (OSError, subprocess.SubprocessError, ValueError, TypeError):
+        # No PowerShell (Server Core without it, or blocked by policy): names and pids only.
+        return parse_tasklist_csv(run_quiet(["tasklist", "/fo", "csv", "/nh"]))
+
+
+def parse_powershell_procs(data: Any) -> list[JsonDict]:
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise TypeError("unexpected PowerShell output")
+    procs = []
+    for item in data:
+        if isinstance(item, dict) and isinstance(item.get("id"), int):
+            procs.append({"id": item["id"], "name": str(item.get("name") or ""),
+                          "user": str(item.get("user") or ""), "cmdline": str(item.get("cmdline") or "")})
+    return procs
+
+
+def parse_tasklist_csv(text: str) -> list[JsonDict]:
+    import csv
+    procs = []
+    for row in csv.reader(text.splitlines()):
+        if len(row) >= 2 and row[1].strip().isdigit():
+            procs.append({"id": int(row[1]), "name": row[0], "user": "", "cmdline": ""})
+    return procs
+
+
+SIGNAL_NUMBERS_WINDOWS = {"TERM": 15, "KILL": 9, "INT": 2, "HUP": 1, "QUIT": 3}
+
+
+def resolve_signal(value: Any) -> int:
+    if value is None:
+        return int(signal.SIGTERM)
+    if isinstance(value, bool):
+        raise TaskError("field 'signal' must be a signal number or name")
+    if isinstance(value, int):
+        if value <= 0:
+            raise TaskError("field 'signal' must be a positive signal number")
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper()
+        if text.isdigit():
+            return resolve_signal(int(text))
+        bare = text.removeprefix("SIG")
+        number = getattr(signal, "SIG" + bare, None)
+        if isinstance(number, int) and bare.isalnum():
+            return int(number)
+        if IS_WINDOWS and bare in SIGNAL_NUMBERS_WINDOWS:
+            return SIGNAL_NUMBERS_WINDOWS[bare]
+        raise TaskError(f"unknown signal: {value}")
+    raise TaskError("field 'signal' must be a signal number or name")
+
+
+def task_kill(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    # The pid is `pid`, never `id`: the server puts its own task id into `id`, and reading
+    # that as a pid would signal whatever process happens to have that number.
+    if task.get("pid") is None:
+        raise TaskError("missing field 'pid' (the process id; 'id' is the task's own id)")
+    pid = field_int(task, "pid", required=True, minimum=1)
+    assert pid is not None
+    signum = resolve_signal(task.get("signal"))
+    try:
+        # On Windows any signal number ends the process (TerminateProcess).
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        raise TaskError(f"no such process: {pid}") from None
+    except PermissionError:
+        raise TaskError(f"permission denied to signal process {pid}") from None
+    except OSError as e:
+        if IS_WINDOWS and getattr(e, "winerror", None) == 87:  # ERROR_INVALID_PARAMETER: no such pid
+            raise TaskError(f"no such process: {pid}") from None
+        raise TaskError(f"cannot signal process {pid}: {os_error_message(e)}") from None
+    return {}
+
+
+# --------------------------------------------------------------------------- files
+
+def task_dircontents(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    directory = field_str(task, "dir", allow_empty=True)
+    assert directory is not None
+    if directory == "" and IS_WINDOWS:
+        return {"contents": windows_drives()}
+    if directory == "":
+        directory = "/"
+    require_dir(directory)
+    base = os.path.abspath(directory)
+    contents = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                contents.append(dir_entry(entry, base))
+    except OSError as e:
+        raise TaskError(os_error_message(e, directory)) from None
+    contents.sort(key=lambda c: (not c["dir"], c["name"].lower(), c["name"]))
+    return {"contents": contents}
+
+
+def dir_entry(entry: os.DirEntry[str], base: str) -> JsonDict:
+    try:
+        st: os.stat_result | None = entry.stat()
+    except OSError:
+        try:
+            st = entry.stat(follow_symlinks=False)  # a dangling symbolic link
+        except OSError:
+            st = None
+    is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+    return {
+        "name": entry.name,
+        "dir": is_dir,
+        "fullpath": os.path.join(base, entry.name),
+        "size": st.st_size if st is not None and not is_dir else 0,
+        "mtime": iso_utc(st.st_mtime) if st is not None else None,
+    }
+
+
+def windows_drives() -> list[JsonDict]:
+    import ctypes
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    mask = kernel32.GetLogicalDrives()
+    drives = []
+    for i in range(26):
+        if mask & (1 << i):
+            root = chr(65 + i) + ":\\"
+            drives.append({"name": root, "dir": True, "fullpath": root, "size": 0, "mtime": None})
+    return drives
+
+
+def default_read_limit(settings: Settings) -> int:
+    """The most file bytes whose base64 still fits in one result body."""
+    return max(0, (settings.max_result_bytes - 4096) * 3 // 4)
+
+
+def task_readfile(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    path = req_str(task, "path")
+    max_bytes = field_int(task, "max_bytes")
+    if max_bytes is None:
+        max_bytes = default_read_limit(ctx.settings)
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise TaskError(f"is a directory: {path}")
+        if not stat.S_ISREG(st.st_mode):
+            raise TaskError(f"not a regular file: {path}")
+        digest = hashlib.sha256()
+        kept = bytearray()
+        size = 0
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(MIB)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                size += len(chunk)
+                if len(kept) < max_bytes:
+                    kept += chunk[:max_bytes - len(kept)]
+                if ctx.cancel.is_set():
+                    raise TaskError("the agent is stopping")
+    except OSError as e:
+        raise TaskError(os_error_message(e, path)) from None
+    result: JsonDict = {"content_b64": base64.b64encode(bytes(kept)).decode("ascii"),
+                        "size": size, "sha256": digest.hexdigest()}
+    if len(kept) < size:
+        result["truncated"] = True
+    return result
+
+
+def parse_mode(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TaskError("field 'mode' must be an integer or an octal string")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        text = text.removeprefix("0o")
+        if not text or not all(c in "01234567" for c in text):
+            raise TaskError(f"field 'mode' is not an octal number: {value!r}")
+        value = int(text, 8)
+    if not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise TaskError("field 'mode' must be between 0 and 0o7777")
+    return value
+
+
+def task_writefile(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    path = req_str(task, "path")
+    content_b64 = field_str(task, "content_b64", allow_empty=True)
+    if content_b64 is None:
+        raise TaskError("missing field 'content_b64'")
+    try:
+        content = base64.b64decode(content_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise TaskError("field 'content_b64' is not valid base64") from None
+    mode = parse_mode(task.get("mode"))
+    check_parent_dir(path)
+    temp = ""
+    try:
+        fd, temp = open_temp_beside(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_keeping_mode(temp, path, mode)
+    except OSError as e:
+        if temp:
+            remove_quietly(temp)
+        raise TaskError(os_error_message(e, path)) from None
+    return {"size": len(content), "sha256": sha256_hex(content)}
+
+
+def task_deletefile(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    path = req_str(task, "path")
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise TaskError(f"is a directory (deletefile removes files only): {path}")
+    try:
+        os.remove(path)
+    except OSError as e:
+        raise TaskError(os_error_message(e, path)) from None
+    return {}
+
+
+def task_movefile(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    frompath = req_str(task, "frompath")
+    topath = req_str(task, "topath")
+    try:
+        os.lstat(frompath)
+    except OSError as e:
+        raise TaskError(os_error_message(e, frompath)) from None
+    require_dir(os.path.dirname(os.path.abspath(topath)))
+    try:
+        # Like mv: into topath when it is a directory, across file systems when needed.
+        shutil.move(frompath, topath)
+    except shutil.Error as e:
+        raise TaskError(str(e)) from None
+    except OSError as e:
+        raise TaskError(os_error_message(e)) from None
+    return {}
+
+
+def task_downloadfile(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    url = req_str(task, "url")
+    out = req_str(task, "out")
+    expected = field_str(task, "sha256", required=False)
+    if expected is not None:
+        expected = expected.strip().lower()
+        if not re.match(r"^[0-9a-f]{64}$", expected):
+            raise TaskError("field 'sha256' must be 64 hexadecimal digits")
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise TaskError("field 'url' must be an http:// or https:// URL")
+    check_parent_dir(out)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx.download_context))
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    temp = ""
+    try:
+        fd, temp = open_temp_beside(out)
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as f, opener.open(request, timeout=60) as response:
+            while True:
+                if ctx.cancel.is_set():
+                    raise TaskError("the agent is stopping; download abandoned")
+                chunk = response.read(256 * 1024)
+                if not chunk:
+                    break
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        actual = digest.hexdigest()
+        if expected is not None and actual != expected:
+            raise TaskError(f"sha256 mismatch: expected {expected}, got {actual}; the file was not kept")
+        replace_keeping_mode(temp, out, None)
+        temp = ""
+    except urllib.error.HTTPError as e:
+        raise TaskError(f"download failed: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise TaskError(f"download failed: {e.reason}") from None
+    except (http.client.HTTPException, socket.timeout) as e:
+        raise TaskError(f"download failed: {describe_error(e)}") from None
+    except OSError as e:
+        raise TaskError(os_error_message(e, out)) from None
+    finally:
+        if temp:
+            remove_quietly(temp)
+    return {"size": size, "sha256": actual}
+
+
+# --------------------------------------------------------------------------- inventory
+
+def task_inventory(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    probes: list[tuple[str, Callable[[], Any], Any]] = [
+        ("hostname", socket.gethostname, ""),
+        ("os", os_family, platform.system()),
+        ("os_version", os_version, ""),
+        ("kernel", kernel_version, platform.release()),
+        ("arch", platform.machine, ""),
+        ("cpu", cpu_model, ""),
+        ("cpu_count", lambda: os.cpu_count() or 0, 0),
+        ("ram_bytes", ram_bytes, 0),
+        ("disks", disks, []),
+        ("networks", networks, []),
+        ("uptime_s", uptime_s, 0.0),
+        ("users", logged_in_users, []),
+        ("python_version", platform.python_version, ""),
+        ("agent_version", lambda: __version__, __version__),
+    ]
+    result: JsonDict = {}
+    for key, probe, fallback in probes:
+        try:
+            result[key] = probe()
+        except Exception as e:  # noqa: BLE001 -- one missing fact must not cost the others
+            log.debug("inventory: %s unavailable: %s", key, describe_error(e))
+            result[key] = fallback
+    return result
+
+
+def os_family() -> str:
+    return {"Darwin": "macOS"}.get(platform.system(), platform.system())
+
+
+def os_version() -> str:
+    if IS_LINUX:
+        for path in ("/etc/os-release", "/usr/lib/os-release"):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        if line.startswith("PRETTY_NAME="):
+                            return line.split("=", 1)[1].strip().strip('"').strip("'")
+            except OSError:
+                continue
+        return "Linux"
+    if IS_MACOS:
+        return "macOS " + platform.mac_ver()[0]
+    if IS_WINDOWS:
+        release, version, _, _ = platform.win32_ver()
+        build = version.split(".")[2] if version.count(".") >= 2 else ""
+        if release == "10" and build.isdigit() and int(build) >= 22000:
+            release = "11"  # Windows 11 still calls itself 10 in the version API
+        edition = platform.win32_edition() if hasattr(platform, "win32_edition") else ""
+        return " ".join(p for p in ("Windows", release, edition or "", f"({version})") if p)
+    return f"{platform.system()} {platform.release()}"
+
+
+def kernel_version() -> str:
+    return platform.version() if IS_WINDOWS else platform.release()
+
+
+def cpu_model() -> str:
+    if IS_LINUX:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    elif IS_MACOS:
+        return run_quiet(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+    elif IS_WINDOWS:
+        import winreg
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE,  # type: ignore[attr-defined]
+                            r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as key:
+            return str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).strip()  # type: ignore[attr-defined]
+    return platform.processor()
+
+
+def ram_bytes() -> int:
+    if IS_LINUX:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no MemTotal in /proc/meminfo")
+    if IS_MACOS:
+        return int(run_quiet(["sysctl", "-n", "hw.memsize"]).strip())
+    if IS_WINDOWS:
+        import ctypes
+
+        class MemoryStatusEx(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+        status = MemoryStatusEx()
+        status.dwLength = ctypes.sizeof(status)
+        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
+            raise OSError("GlobalMemoryStatusEx failed")
+        return int(status.ullTotalPhys)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def uptime_s() -> float:
+    if IS_LINUX:
+        with open("/proc/uptime") as f:
+            return round(float(f.read().split()[0]), 1)
+    if IS_WINDOWS:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        kernel32.GetTickCount64.restype = ctypes.c_ulonglong
+        return round(float(kernel32.GetTickCount64()) / 1000.0, 1)
+    # BSD and macOS: "{ sec = 1700000000, usec = 0 } Tue Nov 14 …"
+    boot = run_quiet(["sysctl", "-n", "kern.boottime"])
+    match = re.search(r"sec\s*=\s*(\d+)", boot)
+    if not match:
+        raise OSError("cannot parse kern.boottime")
+    return round(time.time() - int(match.group(1)), 1)
+
+
+# File systems that are no disks (or that statvfs could hang on, for the network ones).
+PSEUDO_FILESYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "tmpfs", "cgroup", "cgroup2", "securityfs",
+                      "pstore", "debugfs", "tracefs", "configfs", "fusectl", "mqueue", "hugetlbfs",
+                      "bpf", "autofs", "binfmt_misc", "squashfs", "nsfs", "ramfs", "rpc_pipefs",
+                      "nfs", "nfs4", "cifs", "smb3", "sshfs", "fuse.sshfs", "efivarfs", "selinuxfs"}
+
+
+def disks() -> list[JsonDict]:
+    mounts: list[str] = []
+    if IS_LINUX:
+        seen_devices = set()
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                device, mount, fstype = (unescape_mount(x) for x in fields[:3])
+                if fstype in PSEUDO_FILESYSTEMS or device.startswith("/dev/loop"):
+                    continue
+                if not device.startswith("/dev/") and mount != "/":
+                    continue
+                if device in seen_devices:
+                    continue  # bind mounts of the same device
+                seen_devices.add(device)
+                mounts.append(mount)
+    elif IS_WINDOWS:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        mask = kernel32.GetLogicalDrives()
+        for i in range(26):
+            root = chr(65 + i) + ":\\"
+            if mask & (1 << i) and kernel32.GetDriveTypeW(root) in (2, 3):  # removable, fixed
+                mounts.append(root)
+    else:
+        for line in run_quiet(["mount"]).splitlines():
+            match = re.match(r"^(.+?) on (.+) \((.+)\)$", line)
+            if match and "local" in match.group(3) and "nobrowse" not in match.group(3):
+                mounts.append(match.group(2))
+    result = []
+    for mount in mounts:
+        try:
+            usage = shutil.disk_usage(mount)
+        except OSError:
+            continue
+        result.append({"mount": mount, "size": usage.total, "free": usage.free})
+    return result
+
+
+def unescape_mount(text: str) -> str:
+    """/proc/mounts writes spaces and tabs in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def networks() -> list[JsonDict]:
+    if IS_WINDOWS:
+        return windows_networks()
+    return posix_networks()
+
+
+def posix_networks() -> list[JsonDict]:
+    """Interfaces from getifaddrs(3), through ctypes: the standard library has no binding."""
+    import ctypes
+    import ctypes.util
+
+    class IfAddrs(ctypes.Structure):
+        pass
+
+    IfAddrs._fields_ = [("ifa_next", ctypes.POINTER(IfAddrs)), ("ifa_name", ctypes.c_char_p),
+                        ("ifa_flags", ctypes.c_uint), ("ifa_addr", ctypes.c_void_p),
+                        ("ifa_netmask", ctypes.c_void_p), ("ifa_dstaddr", ctypes.c_void_p),
+                        ("ifa_data", ctypes.c_void_p)]
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.getifaddrs.argtypes = [ctypes.POINTER(ctypes.POINTER(IfAddrs))]
+    libc.freeifaddrs.argtypes = [ctypes.POINTER(IfAddrs)]
+    head = ctypes.POINTER(IfAddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        raise OSError(ctypes.get_errno(), "getifaddrs failed")
+    found: dict[str, JsonDict] = {}
+    try:
+        node = head
+        while node:
+            entry = node.contents
+            name = (entry.ifa_name or b"").decode("utf-8", "replace")
+            item = found.setdefault(name, {"name": name, "addresses": [], "mac": ""})
+            if entry.ifa_addr:
+                parse_sockaddr(entry.ifa_addr, item)
+            node = entry.ifa_next
+    finally:
+        libc.freeifaddrs(head)
+    return list(found.values())
+
+
+def parse_sockaddr(address: int, item: JsonDict) -> None:
+    import ctypes
+    # BSD's struct sockaddr starts with a length byte; Linux's family is 16 bits wide.
+    bsd = not IS_LINUX
+    header = ctypes.string_at(address, 2)
+    family = header[1] if bsd else int.from_bytes(header, sys.byteorder)
+    if family == socket.AF_INET:
+        raw = ctypes.string_at(address, 8)
+        item["addresses"].append(socket.inet_ntop(socket.AF_INET, raw[4:8]))
+    elif family == socket.AF_INET6:
+        raw = ctypes.string_at(address, 24)
+        item["addresses"].append(socket.inet_ntop(socket.AF_INET6, raw[8:24]))
+    elif IS_LINUX and family == 17:  # AF_PACKET: struct sockaddr_ll
+        raw = ctypes.string_at(address, 20)
+        length = raw[11]
+        mac = raw[12:12 + min(length, 8)]
+        if any(mac):
+            item["mac"] = ":".join(f"{b:02x}" for b in mac)
+    elif bsd and family == 18:  # AF_LINK: struct sockaddr_dl
+        size = header[0]
+        raw = ctypes.string_at(address, max(size, 8))
+        name_len, addr_len = raw[5], raw[6]
+        mac = raw[8 + name_len:8 + name_len + addr_len]
+        if len(mac) == 6 and any(mac):
+            item["mac"] = ":".join(f"{b:02x}" for b in mac)
+
+
+WINDOWS_NETWORKS_PS = (
+    "$ips=@(Get-NetIPAddress);"
+    "$list=@(Get-NetAdapter|ForEach-Object{$a=$_;[pscustomobject]@{name=[string]$a.Name;"
+    "mac=[string]$a.MacAddress;addresses=@($ips|Where-Object{$_.InterfaceIndex -eq $a.ifIndex}|"
+    "ForEach-Object{[string]$_.IPAddress})}});"
+    "ConvertTo-Json -InputObject $list -Compress -Depth 3"
+)
+
+
+def windows_networks() -> list[JsonDict]:
+    data = run_powershell(WINDOWS_NETWORKS_PS)
+    if isinstance(data, dict):
+        data = [data]
+    result = []
+    for item in data or []:
+        if not isinstance(item, dict):
+            continue
+        addresses = item.get("addresses") or []
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        result.append({"name": str(item.get("name") or ""),
+                       "addresses": [str(a).split("%")[0] for a in addresses],
+                       "mac": str(item.get("mac") or "").replace("-", ":").lower()})
+    return result
+
+
+def logged_in_users() -> list[str]:
+    if IS_WINDOWS:
+        try:
+            return parse_query_user(run_quiet(["query", "user"]))
+        except (OSError, subprocess.SubprocessError):
+            name = run_powershell("ConvertTo-Json -InputObject ([string](Get-CimInstance Win32_ComputerSystem).UserName)")
+            return [name] if name else []
+    users = set()
+    for line in run_quiet(["who"]).splitlines():
+        fields = line.split()
+        if fields:
+            users.add(fields[0])
+    return sorted(users)
+
+
+def parse_query_user(text: str) -> list[str]:
+    users = set()
+    for line in text.splitlines()[1:]:
+        fields = line.strip().lstrip(">").split()
+        if fields:
+            users.add(fields[0])
+    return sorted(users)
+
+
+def task_ping(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    return {"pong": True, "agent_version": __version__}
+
+
+HANDLERS: dict[str, Callable[[JsonDict, TaskContext], JsonDict]] = {
+    "execute_cmd": task_execute_cmd,
+    "proclist": task_proclist,
+    "kill": task_kill,
+    "dircontents": task_dircontents,
+    "readfile": task_readfile,
+    "writefile": task_writefile,
+    "deletefile": task_deletefile,
+    "movefile": task_movefile,
+    "downloadfile": task_downloadfile,
+    "inventory": task_inventory,
+    "ping": task_ping,
+}
+
+
+def run_handler(task: JsonDict, ctx: TaskContext) -> JsonDict:
+    """Runs one task; every failure becomes an error result, nothing escapes."""
+    task_type = task.get("type")
+    if not isinstance(task_type, str) or not task_type:
+        return {"error": True, "msg": "task type missing"}
+    handler = HANDLERS.get(task_type)
+    if handler is None:
+        return {"error": True, "msg": f"unknown task type: {excerpt(task_type.encode(), 80)}"}
+    try:
+        return handler(task, ctx)
+    except TaskError as e:
+        return {"error": True, "msg": str(e)}
+    except Exception as e:
+        log.exception("task %s of type %s failed unexpectedly", task.get("id"), task_type)
+        return {"error": True, "msg": f"agent error: {e.__class__.__name__}: {e}"}
+
+
+# --------------------------------------------------------------------------- results
+
+TRUNCATABLE_FIELDS = ("output", "stderr", "contents", "procs")
+
+
+def encode_json(value: JsonDict) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # File names that are not valid UTF-8 arrive as lone surrogates; \u escapes carry
+        # them through the server and back, so a later task can still name that file.
+        return json.dumps(value, allow_nan=False).encode("ascii")
+
+
+def encode_result(result: JsonDict, limit: int) -> bytes:
+    """The result as JSON within `limit` bytes: long outputs and lists are cut (and say so)."""
+    try:
+        body = encode_json(result)
+    except (TypeError, ValueError) as e:
+        return encode_json({"error": True, "msg": f"agent error: result not serialisable: {e}"})
+    result = dict(result)
+    for _ in range(8):
+        if len(body) <= limit:
+            return body
+        excess = len(body) - limit
+        longest = max((f for f in TRUNCATABLE_FIELDS if isinstance(result.get(f), (str, list))),
+                      key=lambda f: len(encode_json({"x": result[f]})), default=None)
+        if longest is None or not result[longest]:
+            break
+        value = result[longest]
+        encoded_len = len(encode_json({"x": value}))
+        # Keep the share of the field that fits, with room for escapes and the new flag.
+        keep = max(0, int(len(value) * max(0, encoded_len - excess - 256) / encoded_len))
+        result[longest] = value[:keep]
+        result["truncated"] = True
+        body = encode_json(result)
+    if len(body) <= limit:
+        return body
+    return encode_json({"error": True, "msg": f"result too large: {len(body)} bytes, "
+                                              f"the limit is {limit} bytes"})
+
+
+def summarize(task_type: str, result: JsonDict) -> str:
+    if result.get("error"):
+        return "error: " + excerpt(str(result.get("msg", "")).encode(), 200)
+    if task_type == "execute_cmd":
+        extra = ", output truncated" if result.get("truncated") else ""
+        return f"ok (exit status {result.get('status_code')}{extra})"
+    return "ok"
+
+
+# --------------------------------------------------------------------------- the agent
+
+class TaskRun:
+    """One task the agent took from the server, from delivery until its result is posted."""
+
+    def __init__(self, task_id: int, task: JsonDict) -> None:
+        self.id = task_id
+        self.task = task
+        self.type = task.get("type") if isinstance(task.get("type"), str) else "?"
+        self.started = False
+        self.cancel = threading.Event()
+
+
+def parse_task_id(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+        return int(value)
+    return None
+
+
+class Agent:
+    """Polls the server, runs tasks in threads, posts their results, stops cleanly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        context = make_ssl_context(settings.ca_file, settings.insecure)
+        self.endpoint = Endpoint(settings.server, context)
+        self.download_context = ssl.create_default_context()
+        if settings.ca_file:
+            self.download_context.load_verify_locations(settings.ca_file)
+        self.headers = {
+            "Authorization": auth_header(settings.name, settings.secret, settings.classic),
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        self.result_path = "/task_result" if settings.classic else "/tasks_result"
+        self._poll_channel = HttpChannel(self.endpoint, settings.poll_timeout_s)
+        self._idle_channels: list[HttpChannel] = []
+        self._all_channels: list[HttpChannel] = []
+        self._signals = 0
+        self._stopping = threading.Event()
+        self._give_up_posting = threading.Event()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._runs: dict[int, TaskRun] = {}
+        self._slots = threading.Semaphore(settings.max_tasks)
+
+    # ---- lifecycle
+
+    def run(self) -> int:
+        s = self.settings
+        if s.insecure:
+            log.warning("*** --insecure: the server's TLS certificate is NOT verified. Anyone on the "
+                        "network path can pose as the server and run commands on this machine. ***")
+        self._install_signal_handlers()
+        log.info("dutagent %s (Python %s) polling %s as %s%s, up to %d tasks at once",
+                 __version__, platform.python_version(), s.server, s.name,
+                 " (classic protocol)" if s.classic else "", s.max_tasks)
+        poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
+        poller.start()
+        while not self._signals:
+            time.sleep(0.05)
+        return self._shutdown(poller)
+
+    def request_stop(self) -> None:
+        self._signals += 1
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        wanted = [signal.SIGTERM, signal.SIGINT]
+        if IS_WINDOWS and hasattr(signal, "SIGBREAK"):
+            wanted.append(signal.SIGBREAK)
+        for signum in wanted:
+            # The handler only counts: the main loop does the work outside signal context.
+            signal.signal(signum, lambda signum, frame: self.request_stop())
+
+    def _shutdown(self, poller: threading.Thread) -> int:
+        started = time.monotonic()
+        log.info("stopping: no new tasks; running tasks get %.3g s to finish", self.settings.grace_s)
+        self._stopping.set()
+        self._poll_channel.abort()
+        with self._changed:
+            self._changed.notify_all()
+        poller.join(1.0)
+        signals_seen = self._signals
+        deadline = started + self.settings.grace_s
+        while self._unfinished() and time.monotonic() < deadline:
+            if self._signals > signals_seen:
+                log.warning("second stop signal: not waiting for the grace period")
+                break
+            with self._changed:
+                self._changed.wait(0.05)
+        leftover = self._unfinished()
+        if leftover:
+            running = [r for r in leftover if r.started]
+            if running:
+                log.warning("grace period over: stopping tasks %s", ", ".join(str(r.id) for r in running))
+            for run in leftover:
+                run.cancel.set()
+            final = time.monotonic() + KILL_POST_WINDOW_S
+            while self._unfinished() and time.monotonic() < final:
+                with self._changed:
+                    self._changed.wait(0.05)
+        self._give_up_posting.set()
+        for channel in list(self._all_channels):
+            channel.abort()
+        for run in self._unfinished():
+            log.error("task %d %s: no result reached the server before the agent stopped", run.id, run.type)
+        log.info("dutagent stopped")
+        return 0
+
+    def _unfinished(self) -> list[TaskRun]:
+        with self._lock:
+            return list(self._runs.values())
+
+    # ---- polling
+
+    def _poll_loop(self) -> None:
+        s = self.settings
+        backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
+        troubled = False
+        poll_path = self.endpoint.path("/tasks")
+        while not self._stopping.is_set():
+            self._wait_for_room()
+            if self._stopping.is_set():
+                break
+            delay: float | None = None
+            started = time.monotonic()
+            try:
+                reply = self._poll_channel.request("GET", poll_path, self.headers,
+                                                   max_body=s.max_task_bytes)
+                delay = self._handle_poll_reply(reply, backoff, time.monotonic() - started)
+                if delay is None and troubled:
+                    log.info("the server answers again")
+                    troubled = False
+            except Aborted:
+                break
+            except (OSError, http.client.HTTPException, BadAnswer) as e:
+                if self._stopping.is_set():
+                    break
+                delay = backoff.next_delay()
+                level = logging.ERROR if isinstance(e, (BadAnswer, ssl.SSLError)) else logging.WARNING
+                log.log(level, "poll failed: %s; retrying in %.1f s", describe_error(e), delay)
+                troubled = True
+            except Exception:
+                delay = backoff.next_delay()
+                log.exception("unexpected error while polling; retrying in %.1f s", delay)
+                troubled = True
+            if delay is not None and self._stopping.wait(delay):
+                break
+
+    def _handle_poll_reply(self, reply: Reply, backoff: Backoff, took_s: float) -> float | None:
+        """Acts on one poll answer; returns how long to wait before the next poll, None for at once."""
+        s = self.settings
+        if reply.status == 200:
+            try:
+                data = json.loads(reply.body)
+            except (ValueError, RecursionError) as e:
+                raise BadAnswer(f"poll answer is not JSON ({e}): {excerpt(reply.body)}") from None
+            if not isinstance(data, dict):
+                raise BadAnswer(f"poll answer is not a JSON object: {excerpt(reply.body)}")
+            if not data:
+                if took_s < FAST_EMPTY_POLL_S:
+                    delay = backoff.next_delay()
+                    log.debug("empty poll answer after %.3f s; the server is not long-polling", took_s)
+                    return delay
+                backoff.reset()
+                return None
+            backoff.reset()
+            self._accept(data)
+            return None
+        message = reply.message()
+        if reply.status == 403:
+            delay = random.uniform(0.5, 1.0) * s.forbidden_backoff_s
+            log.error("the server refused the agent's credentials (403 %s): check name and secret "
+                      "of agent %r; retrying in %.0f s", message, s.name, delay)
+            return delay
+        delay = backoff.next_delay()
+        if reply.status == 429 and reply.retry_after_s is not None:
+            delay = max(delay, min(reply.retry_after_s, max(s.backoff_max_s, s.forbidden_backoff_s)))
+        level = logging.WARNING if reply.status >= 500 or reply.status == 429 else logging.ERROR
+        log.log(level, "poll answered HTTP %d (%s); retrying in %.1f s", reply.status, message, delay)
+        return delay
+
+    def _wait_for_room(self) -> None:
+        """Pauses polling while max_tasks tasks already wait for a free slot."""
+        with self._changed:
+            while not self._stopping.is_set() and sum(
+                    1 for r in self._runs.values() if not r.started) >= self.settings.max_tasks:
+                self._changed.wait(0.1)
+
+    def _accept(self, task: JsonDict) -> None:
+        task_id = parse_task_id(task.get("id"))
+        if task_id is None:
+            log.error("the server sent a task without a valid id; it cannot be answered: %s",
+                      excerpt(encode_json(task)))
+            return
+        run = TaskRun(task_id, task)
+        with self._changed:
+            if task_id in self._runs:
+                log.warning("task %d delivered again while it is still running; ignored", task_id)
+                return
+            self._runs[task_id] = run
+            self._changed.notify_all()
+        threading.Thread(target=self._run_task, args=(run,), name=f"task-{task_id}", daemon=True).start()
+
+    # ---- running
+
+    def _run_task(self, run: TaskRun) -> None:
+        try:
+            result = self._execute(run)
+            self._post_result(run, result)
+        except Exception:
+            log.exception("task %d: unexpected agent error", run.id)
+        finally:
+            with self._changed:
+                self._runs.pop(run.id, None)
+                self._changed.notify_all()
+
+    def _execute(self, run: TaskRun) -> JsonDict:
+        while not self._slots.acquire(timeout=0.05):
+            if self._stopping.is_set():
+                result = {"error": True, "msg": "the agent is stopping; the task was not started"}
+                log.info("task %d %s: not started, the agent is stopping", run.id, run.type)
+                return result
+        try:
+            if self._stopping.is_set():
+                log.info("task %d %s: not started, the agent is stopping", run.id, run.type)
+                return {"error": True, "msg": "the agent is stopping; the task was not started"}
+            with self._changed:
+                run.started = True
+                self._changed.notify_all()
+            started = time.monotonic()
+            context = TaskContext(self.settings, run.cancel, self.download_context)
+            result = run_handler(run.task, context)
+            log.info("task %d %s: %.3f s, %s", run.id, run.type, time.monotonic() - started,
+                     summarize(str(run.type), result))
+            return result
+        finally:
+            self._slots.release()
+
+    def _take_channel(self) -> HttpChannel:
+        with self._lock:
+            if self._idle_channels:
+                return self._idle_channels.pop()
+            channel = HttpChannel(self.endpoint, self.settings.poll_timeout_s)
+            self._all_channels.append(channel)
+            return channel
+
+    def _return_channel(self, channel: HttpChannel) -> None:
+        with self._lock:
+            self._idle_channels.append(channel)
+
+    def _post_result(self, run: TaskRun, result: JsonDict) -> None:
+        """Posts until the server takes the result or says it never will (404, 409)."""
+        s = self.settings
+        body = encode_result(result, s.max_result_bytes)
+        path = self.endpoint.path(f"{self.result_path}?id={run.id}")
+        headers = dict(self.headers, **{"Content-Type": "application/json"})
+        backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
+        replaced = False
+        while True:
+            channel = self._take_channel()
+            try:
+                reply = channel.request("POST", path, headers, body)
+            except Aborted:
+                channel.close()
+                problem = "the agent is stopping"
+                reply = None
+            except (OSError, http.client.HTTPException, BadAnswer) as e:
+                channel.close()
+                problem = describe_error(e)
+                reply = None
+            finally:
+                self._return_channel(channel)
+            delay = backoff.next_delay()
+            if reply is not None:
+                if 200 <= reply.status < 300:
+                    log.debug("task %d: result posted", run.id)
+                    return
+                message = reply.message()
+                if reply.status in (404, 409):
+                    log.warning("task %d: the server no longer takes its result (%d %s); dropped",
+                                run.id, reply.status, message)
+                    return
+                if reply.status in (400, 413):
+                    if replaced:
+                        log.error("task %d: the server refuses even an error result (%d %s); "
+                                  "result lost", run.id, reply.status, message)
+                        return
+                    log.error("task %d: the server refused the result (%d %s); posting an error "
+                              "result instead", run.id, reply.status, message)
+                    body = encode_json({"error": True, "msg": f"the server refused the agent's "
+                                        f"result: HTTP {reply.status} {message}"[:1000]})
+                    replaced = True
+                    continue
+                if reply.status == 403:
+                    delay = random.uniform(0.5, 1.0) * s.forbidden_backoff_s
+                elif reply.status == 429 and reply.retry_after_s is not None:
+                    delay = max(delay, min(reply.retry_after_s, s.forbidden_backoff_s))
+                problem = f"HTTP {reply.status} {message}"
+            if self._give_up_posting.is_set():
+                log.error("task %d: result not posted (%s) and the agent is stopping: result lost",
+                          run.id, problem)
+                return
+            log.warning("task %d: result not posted (%s); retrying in %.1f s", run.id, problem, delay)
+            if self._give_up_posting.wait(delay):
+                log.error("task %d: result not posted (%s) and the agent is stopping: result lost",
+                          run.id, problem)
+                return
+
+
+# --------------------------------------------------------------------------- command line
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = []
+    root.setLevel(level.upper())
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    if sys.stderr is not None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    if log_file:
+        directory = os.path.dirname(os.path.abspath(log_file))
+        os.makedirs(directory, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * MIB, backupCount=3,
+                                                            encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dutagent",
+        description="The dutserver agent: runs tasks from a dutserver on this machine.",
+        epilog="Every option can also be set as DUTAGENT_<OPTION> in the environment (e.g. "
+               "DUTAGENT_SERVER, DUTAGENT_SECRET) and, except --config, as a key of the JSON "
+               "config file (e.g. \"server\"). Flags win over the environment, the environment "
+               "over the file. Default config file: ~/.config/dutagent/agent.json, "
+               "/etc/dutagent/agent.json for root, %%APPDATA%%\\dutagent\\agent.json or "
+               "%%PROGRAMDATA%%\\dutagent\\agent.json for administrators on Windows.")
+    parser.add_argument("--version", action="version", version=f"dutagent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register = commands.add_parser("register", help="create this agent's account on the server "
+                                   "(self-registration) and write the config file")
+    run = commands.add_parser("run", help="poll the server and run its tasks until stopped")
+    for name, sub in (("register", register), ("run", run)):
+        for option in OPTIONS:
+            if name not in option.commands:
+                continue
+            if option.kind is bool:
+                sub.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
+                                 default=None, help=option.help)
+            else:
+                default = "" if option.default is None else f" (default {option.default})"
+                sub.add_argument(option.flag, dest=option.name, type=option.kind, default=None,
+                                 metavar=option.name.upper(), help=option.help + default)
+    register.add_argument("--force", action="store_true",
+                          help="overwrite an existing config file")
+    return parser
+
+
+def host_agent_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:64]
+    return name or "agent"
+
+
+def write_private_file(path: str, data: JsonDict) -> str:
+    """Writes JSON that only the owner may read to a temp file beside `path`; returns its name."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temp = f"{path}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    if IS_WINDOWS:
+        restrict_windows_acl(temp)
+    else:
+        os.chmod(temp, 0o600)
+    return temp
+
+
+def restrict_windows_acl(path: str) -> None:
+    """Only SYSTEM, Administrators and the current user may read the file (by SID, so
+    that it works in every language)."""
+    user = os.environ.get("USERNAME", "")
+    domain = os.environ.get("USERDOMAIN", "")
+    grants = ["*S-1-5-18:F", "*S-1-5-32-544:F"]
+    if user:
+        grants.append(f"{domain}\\{user}:F" if domain else f"{user}:F")
+    try:
+        run_quiet(["icacls", path, "/inheritance:r", "/grant:r", *grants])
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not restrict access to %s (%s): protect it by hand", path, e)
+
+
+def command_register(s: Settings, config_path: str, force: bool) -> int:
+    if not s.server:
+        raise UsageError("register needs --server URL (or DUTAGENT_SERVER)")
+    name = s.name or host_agent_name()
+    if not NAME_RE.match(name):
+        raise UsageError(f"invalid agent name {name!r}: use 1..64 characters of A-Z a-z 0-9 . _ -")
+    if os.path.exists(config_path) and not force:
+        raise UsageError(f"config file {config_path} already exists; use --force to replace it")
+    secret = secrets.token_urlsafe(32)
+    data: JsonDict = {"server": s.server, "name": name, "secret": secret}
+    if s.classic:
+        data["classic"] = True
+    if s.ca_file:
+        data["ca_file"] = os.path.abspath(s.ca_file)
+    if s.insecure:
+        data["insecure"] = True
+        log.warning("*** --insecure: the server's TLS certificate is NOT verified. ***")
+    try:
+        # Write first, register second: a registered name whose secret could not be
+        # saved would be lost for good.
+        temp = write_private_file(config_path, data)
+    except OSError as e:
+        print(f"dutagent: cannot write the config file {config_path}: {os_error_message(e)}", file=sys.stderr)
+        return 1
+    try:
+        endpoint = Endpoint(s.server, make_ssl_context(s.ca_file, s.insecure))
+        channel = HttpChannel(endpoint, 30.0)
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if s.classic:
+            # The classic server reads only the query string.
+            query = urllib.parse.urlencode({"user": name, "pass": secret})
+            reply = channel.request("POST", endpoint.path("/agents?" + query), headers, b"")
+        else:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps({"user": name, "pass": secret}).encode("utf-8")
+            reply = channel.request("POST", endpoint.path("/agents"), headers, body)
+        channel.close()
+    except (OSError, http.client.HTTPException, BadAnswer) as e:
+        remove_quietly(temp)
+        print(f"dutagent: cannot reach {s.server}: {describe_error(e)}", file=sys.stderr)
+        return 1
+    if reply.status != 200:
+        remove_quietly(temp)
+        explanations = {
+            405: "self-registration is disabled on the server. Ask an administrator to turn it on "
+                 "(POST /agent_selfreg?enabled=1) or to create the agent account, then run "
+                 "`dutagent run --server URL --name NAME --secret SECRET`.",
+            409: f"an agent named {name!r} already exists on the server. Choose another name with --name.",
+            429: "too many attempts from this address; wait a minute and try again.",
+        }
+        detail = explanations.get(reply.status, "the server refused the registration.")
+        print(f"dutagent: registration failed (HTTP {reply.status} {reply.message()}): {detail}",
+              file=sys.stderr)
+        return 1
+    os.replace(temp, config_path)
+    print(f"registered agent {name!r} at {s.server}; config written to {config_path}")
+    print(f"start it with: dutagent run --config {config_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:  # pythonw.exe has no console
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        settings, config_path, found = resolve_settings(args, args.command, dict(os.environ))
+        validate_settings(settings)
+        setup_logging(settings.log_level, settings.log_file)
+        if args.command == "register":
+            return command_register(settings, config_path, args.force)
+        missing = [o.flag for o in OPTIONS if o.name in ("server", "name", "secret")
+                   and not getattr(settings, o.name)]
+        if missing:
+            where = f"config file {config_path}" if found else f"no config file at {config_path}"
+            raise UsageError(f"missing {', '.join(missing)} ({where}); run `dutagent register "
+                             f"--server URL` first, or give --server, --name and --secret")
+        return Agent(settings).run()
+    except UsageError as e:
+        print(f"dutagent: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
