@@ -471,19 +471,18 @@ def classify(task: dict[str, Any], task_type: str) -> Outcome:
         outcome.msg = server_msg(result) or "the agent sent no result"
     elif state in ("cancelled", "expired"):
         outcome.outcome = state
-        outcome.msg = f"the task was {state} before an agent took it"
+        outcome.msg = server_msg(result) or f"the task was {state} before an agent took it"
     return outcome
 
 
-def timed_out(target: str, task_id: int, task: dict[str, Any] | None, cancelled: bool,
-              interrupted: bool) -> Outcome:
-    when = "before dutctl was interrupted" if interrupted else "in time"
-    if cancelled:
-        msg = f"the agent did not pick the task up {when} (offline or busy); it was cancelled"
-    else:
-        msg = "still running on the agent when dutctl stopped waiting (see `dutctl history`)"
-    state = str(task.get("state")) if task else ("cancelled" if cancelled else "delivered")
-    return Outcome(target, task_id, state, "interrupted" if interrupted else "timed_out", msg=msg)
+@dataclass
+class Batch:
+    """Tasks submitted together, and which of their agents were offline when they were sent."""
+
+    client: Client
+    task_type: str
+    targets: dict[int, str]  # task id -> agent name
+    offline: set[str]
 
 
 def submit(client: Client, targets: list[str], task: dict[str, Any],
@@ -519,13 +518,13 @@ def wait_for_one(client: Client, task_id: int, wait_s: float) -> dict[str, Any] 
     return task if isinstance(task, dict) else None
 
 
-def watch(client: Client, pending: dict[int, str], task_type: str, deadline: float,
-          progress: Progress) -> tuple[dict[int, Outcome], bool]:
+def watch(batch: Batch, deadline: float, progress: Progress) -> tuple[dict[int, Outcome], bool]:
     """Collects results until all are final or the deadline passes; then cancels what is still queued.
 
     Returns the outcomes by task id and whether the wait was interrupted (Ctrl-C, SIGTERM).
     """
-    pending = dict(pending)
+    client = batch.client
+    pending = dict(batch.targets)
     finished: dict[int, Outcome] = {}
     interrupted = False
     interval_s = 0.02
@@ -543,7 +542,7 @@ def watch(client: Client, pending: dict[int, str], task_type: str, deadline: flo
             for task_id, task in found.items():
                 if task.get("state") in FINAL_STATES and task_id in pending:
                     pending.pop(task_id)
-                    finished[task_id] = classify(task, task_type)
+                    finished[task_id] = classify(task, batch.task_type)
             progress.update(finished.values())
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
@@ -556,30 +555,39 @@ def watch(client: Client, pending: dict[int, str], task_type: str, deadline: flo
     finally:
         progress.clear()
     if pending:
-        finished.update(give_up(client, pending, task_type, interrupted))
+        finished.update(give_up(batch, list(pending), interrupted))
     return finished, interrupted
 
 
-def give_up(client: Client, pending: dict[int, str], task_type: str,
-            interrupted: bool) -> dict[int, Outcome]:
+def give_up(batch: Batch, task_ids: list[int], interrupted: bool) -> dict[int, Outcome]:
     """Cancels the tasks no agent took yet, so none runs after the user stopped waiting."""
+    client = batch.client
+    kind = "interrupted" if interrupted else "timed_out"
+    stopped = "dutctl was interrupted" if interrupted else "the wait ran out"
     outcomes: dict[int, Outcome] = {}
-    recheck: list[int] = []
-    for task_id, target in pending.items():
+    taken: list[int] = []
+    for task_id in task_ids:
+        target = batch.targets[task_id]
         answer = client.send("POST", f"/api/v1/tasks/{task_id}/cancel", timeout_s=CLEANUP_TIMEOUT_S)
         if answer.status == 200:
-            outcomes[task_id] = timed_out(target, task_id, None, True, interrupted)
+            why = ("the agent was offline" if target in batch.offline
+                   else "the agent had not picked the task up")
+            outcomes[task_id] = Outcome(target, task_id, "cancelled", kind,
+                                        msg=f"{why} when {stopped}; the task was cancelled")
         elif answer.status == 409:
-            recheck.append(task_id)  # delivered meanwhile, or even finished
+            taken.append(task_id)  # delivered meanwhile, or even finished
         else:
             raise client.failure(answer, f"/api/v1/tasks/{task_id}/cancel")
-    for task_id, task in fetch_tasks(client, recheck, CLEANUP_TIMEOUT_S).items():
+    latest = fetch_tasks(client, taken, CLEANUP_TIMEOUT_S)
+    for task_id in taken:
+        task = latest.get(task_id, {})
         if task.get("state") in FINAL_STATES:
-            outcomes[task_id] = classify(task, task_type)
+            outcomes[task_id] = classify(task, batch.task_type)
         else:
-            outcomes[task_id] = timed_out(pending[task_id], task_id, task, False, interrupted)
-    for task_id in recheck:
-        outcomes.setdefault(task_id, timed_out(pending[task_id], task_id, None, False, interrupted))
+            msg = (f"still running on the agent when {stopped}; "
+                   f"`dutctl history {task_id}` shows its result later")
+            outcomes[task_id] = Outcome(batch.targets[task_id], task_id,
+                                        str(task.get("state", "delivered")), kind, msg=msg)
     return outcomes
 
 
@@ -679,7 +687,8 @@ def run_task(args: argparse.Namespace, target_spec: str, task: dict[str, Any]) -
     wait_s = args.timeout if args.timeout is not None else DEFAULT_WAIT_S
     deadline = time.monotonic() + wait_s
     client = session_client()
-    targets = resolve_targets(target_spec, fetch_agents(client, DEFAULT_REQUEST_TIMEOUT_S))
+    agents = fetch_agents(client, DEFAULT_REQUEST_TIMEOUT_S)
+    targets = resolve_targets(target_spec, agents)
     if args.no_wait:
         ids = submit(client, targets, task, args.expires, DEFAULT_REQUEST_TIMEOUT_S)
         rows = [{"id": task_id, "target": target} for task_id, target in ids.items()]
@@ -691,8 +700,10 @@ def run_task(args: argparse.Namespace, target_spec: str, task: dict[str, Any]) -
         return EXIT_OK
     # No default expiry: the server also fails a delivered task at its expiry, so a short one would
     # throw away the result of a long command; tasks left queued at the deadline are cancelled instead.
-    pending = submit(client, targets, task, args.expires, DEFAULT_REQUEST_TIMEOUT_S)
-    finished, interrupted = watch(client, pending, task["type"], deadline, Progress(len(pending)))
+    batch = Batch(client, task["type"], submit(client, targets, task, args.expires,
+                                               DEFAULT_REQUEST_TIMEOUT_S),
+                  offline={str(a["name"]) for a in agents if not a.get("online")})
+    finished, interrupted = watch(batch, deadline, Progress(len(batch.targets)))
     order = {name: i for i, name in enumerate(targets)}
     outcomes = sorted(finished.values(), key=lambda o: order.get(o.target, len(order)))
     all_ok = all(o.outcome == "ok" for o in outcomes)

@@ -18,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ADMIN, PYTHON, ROOT, RunningServer, free_port, http, wait_until
+import trustme
+from support import (
+    ADMIN,
+    FAST_ARGS,
+    PYTHON,
+    ROOT,
+    RunningServer,
+    cli,
+    free_port,
+    http,
+    wait_until,
+)
 
 DUTCTL = ROOT / "cli" / "dutctl.py"
 DUTAGENT = ROOT / "cli" / "dutagent.py"
@@ -241,6 +252,63 @@ def test_unreachable_server_is_named_with_exit_status_4(ctl: Ctl) -> None:
 
     assert proc.returncode == 4
     assert f"cannot reach the server at {url}: connection refused" in proc.stderr
+
+
+def test_a_server_that_is_not_dutserver_is_named_as_such(ctl: Ctl, tmp_path: Path) -> None:
+    port = free_port()
+    other = subprocess.Popen([PYTHON, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: http_answers(f"http://127.0.0.1:{port}/"))
+        proc = ctl("login", f"127.0.0.1:{port}", "--user", "admin", stdin="adminpass1\n")
+    finally:
+        other.terminate()
+        other.wait()
+
+    assert proc.returncode == 4
+    assert f"is http://127.0.0.1:{port} a dutserver?" in proc.stderr
+
+
+def http_answers(url: str) -> bool:
+    try:
+        http("GET", url, timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def test_https_server_with_a_private_ca_needs_cacert_once(tmp_path: Path, ctl: Ctl) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cli("addaccount", str(tmp_path / "tls.db"), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
+    server = RunningServer(db=tmp_path / "tls.db", scheme="https", args=[
+        *FAST_ARGS, "--tls-cert", str(tmp_path / "server.pem"),
+        "--tls-key", str(tmp_path / "server.pem")]).start()
+    try:
+        untrusted = ctl("login", server.url, "--user", "admin", stdin="adminpass1\n")
+        trusted = ctl("login", server.url, "--user", "admin", "--cacert", str(tmp_path / "ca.pem"),
+                      stdin="adminpass1\n")
+        listing = ctl("agents", "--json")
+    finally:
+        server.stop()
+
+    assert untrusted.returncode == 4
+    assert "presented a certificate that is not trusted" in untrusted.stderr
+    assert "--cacert" in untrusted.stderr
+    assert trusted.returncode == 0, trusted.stderr
+    assert listing.returncode == 0 and json.loads(listing.stdout)["agents"] == []
+
+
+def test_dutctl_config_names_another_session_file(server: RunningServer, ctl: Ctl,
+                                                  tmp_path: Path) -> None:
+    ctl.extra_env["DUTCTL_CONFIG"] = str(tmp_path / "servers" / "one.json")
+    ctl.login(server)
+
+    assert stat.S_IMODE((tmp_path / "servers" / "one.json").stat().st_mode) == 0o600
+    assert not ctl.session_file.exists()
+    assert ctl("agents").returncode == 0
 
 
 def test_commands_without_a_session_say_how_to_log_in(ctl: Ctl) -> None:

@@ -69,7 +69,8 @@ def test_run_group_summarises_and_prints_each_distinct_output_once(
     assert proc.stdout.count("same text") == 1
     assert "=== exit 0 · 2 agents: lab-1, lab-2\nsame text\n" in proc.stdout
     assert "=== exit 3 · lab-3\nodd one\n" in proc.stdout
-    assert "=== timed out · lab-9\nthe agent did not pick the task up in time" in proc.stdout
+    assert ("=== timed out · lab-9\nthe agent was offline when the wait ran out; "
+            "the task was cancelled\n") in proc.stdout
     assert "other-1" not in proc.stdout
     assert proc.stderr == ""  # no progress noise when stderr is not a terminal
 
@@ -128,7 +129,9 @@ def test_timeout_of_a_running_command_is_reported_and_its_result_kept(
     proc = admin("run", "lab-1", "--timeout", "0.3", "--", "sleep 1; echo late")
 
     assert proc.returncode == 1
-    assert "lab-1: timed out: still running on the agent" in proc.stderr
+    task_id = tasks_of(admin)[0]["id"]
+    assert proc.stderr == (f"dutctl: lab-1: timed out: still running on the agent when the wait "
+                           f"ran out; `dutctl history {task_id}` shows its result later\n")
     wait_until(lambda: tasks_of(admin)[0]["state"] == "done", timeout_s=5)
     assert tasks_of(admin)[0]["result"]["output"] == "late\n"
 
@@ -142,8 +145,8 @@ def test_sigterm_while_waiting_cancels_queued_tasks(admin: Ctl, lab: Agents) -> 
 
     assert proc.returncode == 130, err
     assert out == ""
-    assert "lab-9: interrupted: the agent did not pick the task up before dutctl was interrupted" \
-        in err
+    assert err == ("dutctl: lab-9: interrupted: the agent was offline when dutctl was interrupted; "
+                   "the task was cancelled\n")
     assert [t["state"] for t in tasks_of(admin)] == ["cancelled"]
 
 
