@@ -106,9 +106,13 @@ async def online_agents(conn: Connection, names: set[str] | None = None) -> int:
     return sum(1 for n, on in online.items() if on and (names is None or n in names))
 
 
-def ping_result(task: dict[str, Any]) -> dict[str, Any]:
-    """What a bench agent answers to any task: instant, like the reference agent's `ping`."""
-    return {"pong": True, "agent_version": "dutbench"}
+PING_RESULT = json.dumps({"pong": True, "agent_version": "dutbench"}).encode()
+
+
+def ping_result(task: dict[str, Any]) -> bytes:
+    """What a bench agent answers to any task (a JSON body): instant, like the reference
+    agent's `ping`, and encoded once, since the generator's CPU is precious."""
+    return PING_RESULT
 
 
 @dataclass
@@ -126,18 +130,37 @@ class AgentCounters:
     parked: int = 0  # agents with a poll sent and not yet answered
 
 
+@dataclass
+class Retry:
+    """How agents retry after a failure: capped exponential back-off with full jitter, the
+    n-th delay random in [0, min(max_s, min_s * 2^n)], as cli/dutagent.py does."""
+
+    min_s: float = 0.05
+    max_s: float = 1.0
+    fast_empty_s: float = 0.0  # an empty poll answered faster than this counts as a failure
+
+    def delay_s(self, failures: int) -> float:
+        return random.uniform(0, min(self.max_s, self.min_s * 2 ** min(failures, 30)))
+
+
+# The reference agent's defaults (cli/dutagent.py: backoff_min_s, backoff_max_s, FAST_EMPTY_POLL_S).
+DUTAGENT_RETRY = Retry(1.0, 60.0, 0.1)
+# Every agent back within 0.1 s: the worst herd a server can meet.
+EAGER_RETRY = Retry(0.05, 0.1, 0.0)
+
+
 class Agent:
     """A bench agent: long-polls `GET /tasks`, answers each task at once, polls again.
 
-    On a connection error (server restarting or killed) it retries with jittered exponential
-    back-off, like a real agent; a result that could not be posted is posted again once the
-    server is back, so a crash can neither silently drop nor double a result.
+    On a connection error (server restarting or killed) it retries as `retry` says; a result
+    that could not be posted is posted again once the server is back, so a crash can neither
+    silently drop nor double a result.
     """
 
     def __init__(self, target: Target, cred: Credentials, counters: AgentCounters, *,
                  classic_auth: bool = False, poll_timeout_s: float = 330.0,
-                 retry_min_s: float = 0.05, retry_max_s: float = 1.0,
-                 answer: Callable[[dict[str, Any]], dict[str, Any]] = ping_result) -> None:
+                 retry: Retry | None = None,
+                 answer: Callable[[dict[str, Any]], bytes] = ping_result) -> None:
         if classic_auth:
             auth = f"{cred.name}:{cred.secret}"
         else:
@@ -150,18 +173,17 @@ class Agent:
         self.counters = counters
         self.result_path = "/task_result" if classic_auth else "/tasks_result"
         self.poll_timeout_s = poll_timeout_s
-        self.retry_min_s = retry_min_s
-        self.retry_max_s = retry_max_s
+        self.retry = retry or Retry()  # shared by a fleet, so a scenario can switch it
         self.answer = answer
         self.last_poll_sent = 0.0  # monotonic time of the latest poll written to the server
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = self.retry_min_s
+        failures = 0
         c = self.counters
         while not stop.is_set():
             try:
                 c.parked += 1
-                self.last_poll_sent = time.monotonic()
+                self.last_poll_sent = sent = time.monotonic()
                 try:
                     r = await self.conn.request("GET", "/tasks", timeout_s=self.poll_timeout_s)
                 finally:
@@ -169,11 +191,17 @@ class Agent:
                 c.polls += 1
                 if r.status != 200:
                     raise _BadStatus(r)
-                backoff = self.retry_min_s
                 task = r.json()
                 if not task:  # the long-poll timed out: poll again at once
                     c.empty_polls += 1
+                    if time.monotonic() - sent < self.retry.fast_empty_s:
+                        # Not long-polling (a server shutting down answers parked polls at once).
+                        await _sleep_unless(stop, self.retry.delay_s(failures))
+                        failures += 1
+                    else:
+                        failures = 0
                     continue
+                failures = 0
                 task_id = int(task["id"])
                 c.tasks += 1
                 if c.deliveries is not None:
@@ -183,12 +211,11 @@ class Agent:
                 raise
             except (_BadStatus, *TRANSIENT, ValueError, KeyError) as e:
                 c.errors[_kind(e)] += 1
-                await _sleep_unless(stop, random.uniform(0, backoff))
-                backoff = min(self.retry_max_s, backoff * 2)
+                await _sleep_unless(stop, self.retry.delay_s(failures))
+                failures += 1
 
-    async def _post_result(self, task_id: int, result: dict[str, Any], stop: asyncio.Event) -> None:
-        body = json.dumps(result).encode()
-        backoff = self.retry_min_s
+    async def _post_result(self, task_id: int, body: bytes, stop: asyncio.Event) -> None:
+        failures = 0
         c = self.counters
         while not stop.is_set():
             try:
@@ -196,8 +223,8 @@ class Agent:
                                             timeout_s=self.poll_timeout_s)
             except TRANSIENT as e:
                 c.errors["result " + error_kind(e)] += 1
-                await _sleep_unless(stop, random.uniform(0, backoff))
-                backoff = min(self.retry_max_s, backoff * 2)
+                await _sleep_unless(stop, self.retry.delay_s(failures))
+                failures += 1
                 continue
             if r.status == 200:
                 c.results_ok += 1
@@ -235,7 +262,9 @@ class AgentFleet:
 
     def __init__(self, target: Target, creds: Sequence[Credentials], **agent_kwargs: Any) -> None:
         self.counters = AgentCounters()
-        self.agents = [Agent(target, c, self.counters, **agent_kwargs) for c in creds]
+        self.retry = Retry()
+        self.agents = [Agent(target, c, self.counters, retry=self.retry, **agent_kwargs)
+                       for c in creds]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -249,6 +278,11 @@ class AgentFleet:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for a in self.agents:
             a.close()
+
+    def set_retry(self, retry: Retry) -> None:
+        """Switches every agent's retry policy (they share one object)."""
+        self.retry.min_s, self.retry.max_s = retry.min_s, retry.max_s
+        self.retry.fast_empty_s = retry.fast_empty_s
 
     def all_polled_since(self, t: float) -> bool:
         return all(a.last_poll_sent >= t for a in self.agents)

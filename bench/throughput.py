@@ -58,13 +58,23 @@ async def calibrate(sizes: ThroughputSizes, url: str | None = None) -> dict[str,
             "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"],
             "errors": summary["errors"], "error_kinds": summary["error_kinds"],
             "connections": sizes.calibrate_connections, "duration_s": sizes.duration_s,
-            **await cpu.done(),
+            **(cpu_figures := await cpu.done()),
+            **generator_cost(cpu_figures, summary["per_s"]),
             "server": proc.history[-1] if proc else url,
         }
     finally:
         if proc is not None and proc.running:
             await proc.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generator_cost(cpu: dict[str, Any], per_s: float | None) -> dict[str, Any]:
+    """The generator's CPU per operation, and whether it may be what limits the figure (near one
+    full core: then the figure is a lower bound of what the server can do)."""
+    gen = cpu.get("generator_cpu")
+    if gen is None or not per_s:
+        return {}
+    return {"generator_us_per_op": round(gen / per_s * 1e6, 1), "generator_bound": gen >= 0.9}
 
 
 def _ping_submitter(names: list[str]) -> Any:
@@ -134,6 +144,7 @@ async def roundtrip(env: Env, sizes: ThroughputSizes) -> dict[str, Any]:
         "round_trips_per_s": full["per_s"], "ratio": r,
         "p50_ms": full["p50_ms"], "p99_ms": full["p99_ms"], "max_ms": full["max_ms"],
         "errors": full["errors"], "error_kinds": full["error_kinds"], **full_cpu,
+        **generator_cost(full_cpu, full["per_s"]),
         "half_load": half,
         "agent_errors": dict(fleet.counters.errors), "agent_result_status": result_status,
         "agents": sizes.agents, "clients": sizes.clients, "duration_s": sizes.duration_s,
