@@ -336,7 +336,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted ({exc.verify_message}); use --ca-file"
     if isinstance(exc, http.client.IncompleteRead):
-        return f"truncated answer ({len(exc.partial)} bytes received)"
+        return "truncated answer (the connection closed before the announced length)"
     if isinstance(exc, http.client.RemoteDisconnected):
         return "the server closed the connection without answering"
     if isinstance(exc, ConnectionRefusedError):

@@ -80,6 +80,15 @@ class AgentProcess:
             self.proc.wait()
 
 
+def process_gone(pid: int) -> bool:
+    """True once pid has ended (a zombie nobody reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def agent_env(**extra: str) -> dict[str, str]:
     """The test's environment without DUTAGENT_* settings that could leak into the agent."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUTAGENT_")}
@@ -98,7 +107,7 @@ def start_agent(tmp_path: Path, url: str, name: str, *args: str, secret: str = A
 def agent_cli(*args: str, env: dict[str, str] | None = None, python: str = PYTHON,
               timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Runs `dutagent.py ARGS…` to completion (register, --version, bad usage…)."""
-    return subprocess.run([python, str(AGENT_PY), *args], capture_output=True, text=True,
+    return subprocess.run([python, str(AGENT_PY), *args], capture_output=True, text=True, check=False,
                           timeout=timeout, env=env if env is not None else agent_env(),
                           stdin=subprocess.DEVNULL)
 
@@ -185,7 +194,8 @@ class FakeServer:
 
             def do_GET(self) -> None:
                 with fake.lock:
-                    fake.polls.append({k.lower(): v for k, v in self.headers.items()} | {"path": self.path})
+                    fake.polls.append({k.lower(): v for k, v in self.headers.items()}
+                                      | {"path": self.path, "client_port": str(self.client_address[1])})
                     step = fake.poll_script.pop(0) if fake.poll_script else None
                 if step is None:
                     time.sleep(0.2)
@@ -214,11 +224,11 @@ class FakeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def __enter__(self) -> FakeServer:
+    def __enter__(self) -> FakeServer:  # noqa: PYI034 -- typing.Self is 3.11+, tests run on 3.11 anyway
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from agent_support import AGENT_PY, Admin, AgentProcess, agent_env, start_agent
+from agent_support import AGENT_PY, Admin, AgentProcess, agent_env, process_gone, start_agent
 from support import RunningServer, start_server, wait_until
 
 NAME = "taskpc"
@@ -53,15 +52,6 @@ def error_of(admin: Admin, task: dict[str, Any]) -> str:
     assert result["error"] is True, result
     assert set(result) == {"error", "msg"}, result
     return str(result["msg"])
-
-
-def process_gone(pid: int) -> bool:
-    """True once pid has ended (a zombie nobody reaped counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 # --------------------------------------------------------------------------- ping and errors
@@ -190,7 +180,7 @@ def test_kill_of_a_missing_process_is_an_error(admin: Admin) -> None:
 # --------------------------------------------------------------------------- files
 
 def iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(int(ts), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(int(ts), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_dircontents_lists_entries(admin: Admin, tmp_path: Path) -> None:
@@ -331,7 +321,8 @@ def test_inventory_reports_the_machine_and_the_server_keeps_it(admin: Admin) -> 
     assert any(d["mount"] == "/" and d["size"] >= d["free"] > 0 for d in result["disks"])
     loopback = [n for n in result["networks"] if "127.0.0.1" in n["addresses"]]
     assert loopback and set(loopback[0]) == {"name", "addresses", "mac"}
-    assert admin.agent(NAME)["inventory"]["hostname"] == socket.gethostname()
+    # The server stores it with its next group commit, a moment after handing back the result.
+    wait_until(lambda: (admin.agent(NAME)["inventory"] or {}).get("hostname") == socket.gethostname())
 
 
 # --------------------------------------------------------------------------- permissions
