@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-
 from support import RunningServer, http, start_server
 
 # A shared server: empty polls end quickly; bans are set high so that the deliberate credential
@@ -38,6 +38,18 @@ def unique(prefix: str) -> str:
 
 def jbody(body: bytes) -> Any:
     return json.loads(body) if body else None
+
+
+def when(value: str) -> datetime:
+    """An ISO 8601 time in UTC, as the API writes them."""
+    assert isinstance(value, str) and value.endswith(("Z", "+00:00")), value
+    parsed = datetime.fromisoformat(value)
+    assert parsed.utcoffset() == timedelta(0)
+    return parsed
+
+
+def recent(value: str, within_s: float = 30) -> bool:
+    return abs((datetime.now(UTC) - when(value)).total_seconds()) < within_s
 
 
 def basic(name: str, secret: str) -> str:
@@ -129,21 +141,21 @@ def submit(pool: ThreadPoolExecutor, srv: RunningServer, token: str, target: str
                        session_headers(token, form), 30)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", name="shared")
+def shared_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One real server for the module's tests that need no flags of their own."""
     srv = start_server(tmp_path_factory.mktemp("shared"), *SHARED_ARGS)
     yield srv
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def token(shared: RunningServer) -> str:
+@pytest.fixture(scope="module", name="token")
+def token_fixture(shared: RunningServer) -> str:
     return shared.login()
 
 
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
+@pytest.fixture(name="pool")
+def pool_fixture() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(8) as executor:
         yield executor
 

@@ -7,20 +7,33 @@ polling and results are in test_classic_tasks.py.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
-from conformance import add_agent, basic, call, jbody, own_server, session_headers, unique
-from conformance import shared, token  # noqa: F401  (module-scoped fixtures)
+# The *_fixture imports are fixtures (a shared server per module, its admin session, a
+# thread pool): pytest finds them here by their names "shared", "token" and "pool".
+from conformance import (  # noqa: F401
+    add_agent,
+    basic,
+    call,
+    jbody,
+    own_server,
+    pool_fixture,
+    session_headers,
+    shared_fixture,
+    token_fixture,
+    unique,
+)
 from support import ADMIN, RunningServer, http, wait_until
 from test_error_shape import assert_error
 
 
-def ok_json(status: int, headers: dict[str, str], body: bytes) -> dict[str, object]:
+def ok_json(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:
     assert status == 200, (status, body)
     lowered = {k.lower(): v for k, v in headers.items()}
     assert lowered["content-type"].startswith("application/json"), lowered
@@ -158,8 +171,8 @@ def test_agents_lists_names_and_online_map(shared: RunningServer, token: str) ->
     names = doc["agents"]
     assert isinstance(names, list) and {quiet.name, busy.name} <= set(names)
     assert "admin" not in names  # admins are not agents
-    assert set(doc["online"]) == set(names)  # type: ignore[arg-type]
-    assert doc["online"][quiet.name] is False  # type: ignore[index]
+    assert set(doc["online"]) == set(names)
+    assert doc["online"][quiet.name] is False
 
     # busy parks a long-poll: it is online while the poll waits ...
     with ThreadPoolExecutor(1) as ex:
@@ -176,7 +189,7 @@ def test_agents_is_sorted_and_bearer_works(shared: RunningServer, token: str) ->
     add_agent(shared, token, "zz")
     add_agent(shared, token, "aa")
     doc = ok_json(*http("GET", shared.url + "/agents", headers=session_headers(token, "bearer")))
-    assert doc["agents"] == sorted(doc["agents"])  # type: ignore[type-var]
+    assert doc["agents"] == sorted(doc["agents"])
 
 
 @pytest.mark.parametrize("auth", ["none", "garbage", "agent", "admin-password"])
@@ -227,7 +240,7 @@ def test_selfreg_off_refuses_anonymous_registration(shared: RunningServer, token
 def test_admin_session_registers_while_selfreg_is_off(shared: RunningServer, token: str,
                                                       how: str) -> None:
     name, secret = unique("byadmin"), "0123456789abcdef"
-    status, headers, body = _register(shared, name, secret, token, how)
+    status, _, body = _register(shared, name, secret, token, how)
     assert (status, body) == (200, b"")
     assert name in jbody(call(shared, "GET", "/agents", token=token)[2])["agents"]
     assert _can_poll(shared, name, secret)
@@ -270,35 +283,36 @@ def test_register_admin_name_is_409(shared: RunningServer, token: str) -> None:
     shared.login()  # the admin's password is unchanged
 
 
-def test_selfreg_on_lets_anyone_register_but_never_take_over(tmp_path: Path) -> None:
-    srv = own_server(tmp_path)
+def test_selfreg_on_lets_anyone_register_but_never_take_over(shared: RunningServer,
+                                                             token: str) -> None:
+    # Switched on with a form body this time (query and body are both read).
+    headers = {**session_headers(token), "Content-Type": "application/x-www-form-urlencoded"}
+    assert http("POST", shared.url + "/agent_selfreg", b"enabled=1", headers=headers)[::2] \
+        == (200, b"")
     try:
-        token = srv.login()
-        _set_selfreg(srv, token, True)
         for how in ("query", "form", "json"):
             name, secret = unique(f"self-{how}-"), "0123456789abcdef"
-            status, _, body = _register(srv, name, secret, how=how)
+            status, _, body = _register(shared, name, secret, how=how)
             assert (status, body) == (200, b""), body
-            assert _can_poll(srv, name, secret)
+            assert _can_poll(shared, name, secret)
         # The fix: self-registration never replaces an existing agent ...
-        victim = add_agent(srv, token)
-        assert_error(*_register(srv, victim.name, "attacker-secret-123456"), 409,
+        victim = add_agent(shared, token)
+        assert_error(*_register(shared, victim.name, "attacker-secret-123456"), 409,
                      "Agent already exists")
-        assert _can_poll(srv, victim.name, victim.secret)
-        assert not _can_poll(srv, victim.name, "attacker-secret-123456")
+        assert _can_poll(shared, victim.name, victim.secret)
+        assert not _can_poll(shared, victim.name, "attacker-secret-123456")
         # ... nor an admin.
-        assert_error(*_register(srv, "admin", "attacker-secret-123456"), 409, "already exists")
-        srv.login()
-        assert not _can_poll(srv, "admin", "attacker-secret-123456")
+        assert_error(*_register(shared, "admin", "attacker-secret-123456"), 409, "already exists")
+        shared.login()
+        assert not _can_poll(shared, "admin", "attacker-secret-123456")
         # Bad names and short secrets are refused anonymously too.
-        assert_error(*_register(srv, "bad name", "0123456789abcdef"), 400, "Invalid name")
-        assert_error(*_register(srv, unique("s"), "too-short"), 400, "16")
-        # Off again: refused again.
-        _set_selfreg(srv, token, False)
-        assert_error(*_register(srv, unique("late"), "0123456789abcdef"), 405,
-                     "Agents self-registration is disabled")
+        assert_error(*_register(shared, "bad name", "0123456789abcdef"), 400, "Invalid name")
+        assert_error(*_register(shared, unique("s"), "too-short"), 400, "16")
     finally:
-        srv.stop()
+        _set_selfreg(shared, token, False)
+    # Off again: refused again.
+    assert_error(*_register(shared, unique("late"), "0123456789abcdef"), 405,
+                 "Agents self-registration is disabled")
 
 
 # --- /agent_selfreg and /agents_selfreg -------------------------------------------------------
@@ -324,27 +338,12 @@ def test_selfreg_switch_on_both_paths_and_survives_restart(tmp_path: Path) -> No
         srv.restart()
         token = srv.login()
         assert _get_selfreg(srv, token, "/agent_selfreg") == b"1"
-        name = unique("after-restart")
-        assert _register(srv, name, "0123456789abcdef")[0] == 200
+        assert _register(srv, unique("after-restart"), "0123456789abcdef")[0] == 200
 
         _set_selfreg(srv, token, False, "/agent_selfreg")
-        srv.restart()
-        token = srv.login()
         assert _get_selfreg(srv, token, "/agents_selfreg") == b"0"
         assert_error(*_register(srv, unique("x"), "0123456789abcdef"), 405,
                      "Agents self-registration is disabled")
-    finally:
-        srv.stop()
-
-
-def test_selfreg_enabled_in_form_body(tmp_path: Path) -> None:
-    srv = own_server(tmp_path)
-    try:
-        token = srv.login()
-        headers = {**session_headers(token), "Content-Type": "application/x-www-form-urlencoded"}
-        assert http("POST", srv.url + "/agent_selfreg", b"enabled=1", headers=headers)[:3:2] \
-            == (200, b"")
-        assert _get_selfreg(srv, token, "/agent_selfreg") == b"1"
     finally:
         srv.stop()
 

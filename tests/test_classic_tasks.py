@@ -5,21 +5,35 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conformance import Agent, add_agent, api, basic, call, jbody, own_server, submit
-from conformance import pool, shared, token  # noqa: F401  (fixtures)
+# The *_fixture imports are fixtures (a shared server per module, its admin session, a
+# thread pool): pytest finds them here by their names "shared", "token" and "pool".
+from conformance import (  # noqa: F401
+    Agent,
+    add_agent,
+    api,
+    basic,
+    call,
+    jbody,
+    own_server,
+    pool_fixture,
+    shared_fixture,
+    submit,
+    token_fixture,
+)
 from support import ADMIN, RunningServer, http
 from test_error_shape import assert_error
 
 TIMEOUT_MSG = "Time out while waiting for task result"
 
 
-def _result(fut: object) -> tuple[int, dict[str, str], object]:
-    status, headers, body = fut.result(timeout=15)  # type: ignore[attr-defined]
+def _result(fut: Future[tuple[int, dict[str, str], bytes]]) -> tuple[int, dict[str, str], Any]:
+    status, headers, body = fut.result(timeout=15)
     return status, headers, jbody(body)
 
 
@@ -360,7 +374,7 @@ def test_result_paths_and_forms(shared: RunningServer, token: str, pool: ThreadP
     agent = add_agent(shared, token)
     fut = submit(pool, shared, token, agent.name, {"type": "ping"})
     task = agent.take(form)
-    status, headers, body = agent.post(task["id"], {"pong": True}, path=path, form=form)
+    status, _, body = agent.post(task["id"], {"pong": True}, path=path, form=form)
     assert (status, body) == (200, b"")
     assert _result(fut)[::2] == (200, {"pong": True, "error": False})
 
@@ -391,7 +405,7 @@ def test_result_of_another_agents_task_is_403(shared: RunningServer, token: str)
     # The real result is still accepted, and it is the one kept.
     assert owner.post(task_id, {"pong": True})[0] == 200
     status, doc = api(shared, "GET", f"/api/v1/tasks/{task_id}", token=token)
-    assert doc["task"]["result"] == {"pong": True, "error": False}
+    assert status == 200 and doc["task"]["result"] == {"pong": True, "error": False}
     # Once recorded, the intruder still gets 403, not a hint that a result exists.
     assert_error(*intruder.post(task_id, {"pong": "forged"}), 403)
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-
 from conformance import SHARED_ARGS, Agent, add_agent, basic, call
 from support import RunningServer, http, start_server
 
