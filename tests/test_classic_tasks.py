@@ -467,3 +467,17 @@ def test_task_taken_before_the_submit_timed_out_keeps_its_late_result(
     status, doc = api(shared, "GET", f"/api/v1/tasks/{task['id']}", token=token)
     assert (doc["task"]["state"], doc["task"]["result"]) == ("done", {"pong": "late",
                                                                       "error": False})
+
+
+def test_head_on_tasks_never_takes_a_task(shared: RunningServer, token: str) -> None:
+    """HEAD is safe (RFC 9110): a HEAD /tasks with the agent's credentials (curl -I, a monitor)
+    must not hand a task into a response without a body, where it would be lost."""
+    agent = add_agent(shared, token)
+    status, doc = api(shared, "POST", "/api/v1/tasks",
+                      {"targets": [agent.name], "task": {"type": "ping"}}, token)
+    task_id = doc["tasks"][0]["id"]
+    status, _, _ = http("HEAD", shared.url + "/tasks", headers=agent.auth())
+    assert status < 500
+    assert api(shared, "GET", f"/api/v1/tasks/{task_id}", token=token)[1]["task"]["state"] \
+        == "queued"
+    assert agent.poll()["id"] == task_id
