@@ -877,8 +877,9 @@ def user_name(uid: int, cache: dict[int, str]) -> str:
 
 def ps_processes() -> list[JsonDict]:
     # Two calls, each with its free-text column last, so spaces in it cannot shift columns.
-    args_out = run_quiet(["ps", "-axww", "-o", "pid=,user=,args="])
-    comm_out = run_quiet(["ps", "-axww", "-o", "pid=,comm="])
+    # One -o per column: BSD ps reads "pid=,user=" as the pid column with the header ",user=".
+    args_out = run_quiet(["ps", "-axww", "-o", "pid=", "-o", "user=", "-o", "args="])
+    comm_out = run_quiet(["ps", "-axww", "-o", "pid=", "-o", "comm="])
     return parse_ps_output(args_out, comm_out)
 
 
@@ -938,7 +939,8 @@ def parse_tasklist_csv(text: str) -> list[JsonDict]:
     return procs
 
 
-SIGNAL_NUMBERS_WINDOWS = {"TERM": 15, "KILL": 9, "INT": 2, "HUP": 1, "QUIT": 3}
+# Names accepted on Windows, where every signal ends the process the same way.
+WINDOWS_SIGNAL_NAMES = {"TERM", "KILL", "INT", "HUP", "QUIT"}
 
 
 def resolve_signal(value: Any) -> int:
@@ -958,8 +960,8 @@ def resolve_signal(value: Any) -> int:
         number = getattr(signal, "SIG" + bare, None)
         if isinstance(number, int) and bare.isalnum():
             return int(number)
-        if IS_WINDOWS and bare in SIGNAL_NUMBERS_WINDOWS:
-            return SIGNAL_NUMBERS_WINDOWS[bare]
+        if IS_WINDOWS and bare in WINDOWS_SIGNAL_NAMES:
+            return int(signal.SIGTERM)
         raise TaskError(f"unknown signal: {value}")
     raise TaskError("field 'signal' must be a signal number or name")
 
@@ -972,8 +974,11 @@ def task_kill(task: JsonDict, ctx: TaskContext) -> JsonDict:
     pid = field_int(task, "pid", required=True, minimum=1)
     assert pid is not None
     signum = resolve_signal(task.get("signal"))
+    if IS_WINDOWS:
+        # os.kill sends console events for 0 and 1 (CTRL_C, CTRL_BREAK) and calls
+        # TerminateProcess for anything else: always terminate.
+        signum = int(signal.SIGTERM)
     try:
-        # On Windows any signal number ends the process (TerminateProcess).
         os.kill(pid, signum)
     except ProcessLookupError:
         raise TaskError(f"no such process: {pid}") from None
@@ -1772,8 +1777,10 @@ class Agent:
     def _accept(self, task: JsonDict) -> None:
         task_id = parse_task_id(task.get("id"))
         if task_id is None:
-            log.error("the server sent a task without a valid id; it cannot be answered: %s",
-                      excerpt(encode_json(task)))
+            # Only id and type: the rest may hold command text, which is not for the log.
+            log.error("the server sent a task without a valid id (id %s, type %s); it cannot be "
+                      "answered", excerpt(json.dumps(task.get("id")).encode(), 40),
+                      excerpt(json.dumps(task.get("type")).encode(), 40))
             return
         run = TaskRun(task_id, task)
         with self._changed:
@@ -2038,7 +2045,8 @@ def command_register(s: Settings, config_path: str, force: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if sys.stderr is None:  # pythonw.exe has no console
+    no_console = sys.stderr is None  # pythonw.exe, as a Windows background task
+    if no_console:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -2048,6 +2056,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, config_path, found = resolve_settings(args, args.command, dict(os.environ))
         validate_settings(settings)
+        if no_console and not settings.log_file:
+            settings.log_file = os.path.join(os.path.dirname(config_path), "dutagent.log")
         setup_logging(settings.log_level, settings.log_file)
         if args.command == "register":
             return command_register(settings, config_path, args.force)

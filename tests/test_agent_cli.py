@@ -229,6 +229,16 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
     assert "DUTAGENT_" in agent_cli("--help").stdout
 
 
+def test_the_readme_documents_every_option() -> None:
+    doc = (ROOT / "docs" / "agent.md").read_text()
+    flags = re.findall(r"^\s+(--[a-z-]+)", agent_cli("run", "--help").stdout, re.MULTILINE)
+    assert len(flags) > 15
+    for flag in flags:
+        if flag not in ("--help", "--no-classic", "--no-insecure"):
+            assert f"`{flag}`" in doc, flag
+            assert "`DUTAGENT_" + flag[2:].upper().replace("-", "_") + "`" in doc, flag
+
+
 def test_log_file_gets_one_line_per_task(shared: tuple[RunningServer, Admin], tmp_path: Path) -> None:
     server, admin = shared
     admin.add_agent("logger")

@@ -327,10 +327,9 @@ def test_inventory_reports_the_machine_and_the_server_keeps_it(admin: Admin) -> 
 
 # --------------------------------------------------------------------------- permissions
 
-def test_permission_errors_are_clear(tmp_path: Path) -> None:
-    """The agent runs unprivileged (as `nobody` when the tests run as root) on its own server."""
-    server = start_server(tmp_path)
-    admin = Admin(server)
+def test_permission_errors_are_clear(env: tuple[RunningServer, Admin, AgentProcess], tmp_path: Path) -> None:
+    """A second agent runs unprivileged (as `nobody` when the tests run as root)."""
+    server, admin, _ = env
     admin.add_agent("lowpc")
     secret_file = tmp_path / "private" / "secret.txt"
     secret_file.parent.mkdir()
@@ -358,6 +357,5 @@ def test_permission_errors_are_clear(tmp_path: Path) -> None:
         assert init["error"] is True and init["msg"] == "permission denied to signal process 1"
     finally:
         assert agent.stop() == 0
-        server.stop()
     os.chmod(secret_file, 0o600)
     assert secret_file.read_text() == "top secret"

@@ -110,8 +110,8 @@ def test_garbage_from_the_server_is_logged_and_survived(tmp_path: Path) -> None:
             "poll failed: truncated answer",
             "poll failed: answer of 524288000 bytes exceeds the limit of 1048576 bytes",
             "poll failed: answer exceeds the limit of 1048576 bytes",
-            'the server sent a task without a valid id; it cannot be answered: {"id": "abc"',
-            'the server sent a task without a valid id; it cannot be answered: {"type": "ping"}',
+            'the server sent a task without a valid id (id "abc", type "ping"); it cannot be answered',
+            'the server sent a task without a valid id (id null, type "ping"); it cannot be answered',
             "poll answered HTTP 500 (<html>Internal Server Error</html>)",
         ]:
             assert expected in log, expected
