@@ -292,3 +292,27 @@ def test_no_html_no_traceback(ctx: Ctx, path: str, method: str) -> None:
                                  ("POST", "PUT", "PATCH") else None)
     assert 400 <= status < 500, (status, body[:300])
     assert_error(status, headers, body, status)
+
+
+def test_body_limit_is_exact_and_a_refused_result_can_be_sent_again(ctx: Ctx) -> None:
+    """A body of exactly --body-max-bytes is taken, one byte more is 413; a result refused for
+    its size leaves the task waiting for a smaller one."""
+    def task_of_size(size: int) -> bytes:
+        head = b'{"targets": ["%s"], "task": {"type": "ping", "pad": "' % ctx.agent.name.encode()
+        return head + b"a" * (size - len(head) - 3) + b'"}}'
+
+    exact = task_of_size(BODY_MAX)
+    assert len(exact) == BODY_MAX
+    status, _, raw = call(ctx.srv, "POST", "/api/v1/tasks", exact, ctx.token)
+    assert status == 202, raw
+    task_id = json.loads(raw)["tasks"][0]["id"]
+    status, headers, raw = call(ctx.srv, "POST", "/api/v1/tasks", task_of_size(BODY_MAX + 1),
+                                ctx.token)
+    assert_error(status, headers, raw, 413, str(BODY_MAX))
+
+    task = ctx.agent.take()
+    assert task["id"] == task_id and len(task["pad"]) > BODY_MAX - 100
+    assert_error(*ctx.agent.post(task_id, b'{"output": "' + b"x" * BODY_MAX + b'"}'), 413)
+    assert ctx.agent.post(task_id, {"output": "short"})[0] == 200
+    status, _, raw = call(ctx.srv, "GET", f"/api/v1/tasks/{task_id}", token=ctx.token)
+    assert json.loads(raw)["task"]["result"] == {"output": "short", "error": False}
