@@ -60,6 +60,7 @@ CLEANUP_TIMEOUT_S = 5.0
 IDS_PER_QUERY = 1000
 MAX_POLL_INTERVAL_S = 0.5
 MAX_WAIT_PARAM_S = 60.0
+PROGRESS_TICK_S = 1.0
 NAMES_SHOWN_PER_GROUP = 20
 FINAL_STATES = frozenset({"done", "failed", "cancelled", "expired"})
 # Fields the protocol adds to a result; they differ per agent and carry no information of their own.
@@ -277,7 +278,7 @@ def banned_message(answer: Answer) -> str:
     return f"too many failed logins from this address{when}"
 
 
-def session_client(timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Client:
+def session_client() -> Client:
     """A client for the stored session, or for DUTCTL_URL + DUTCTL_TOKEN when both are set."""
     env_token = os.environ.get("DUTCTL_TOKEN")
     session = load_session()
@@ -399,6 +400,7 @@ def group_of(name: str) -> str:
 def resolve_targets(spec: str, agents: list[dict[str, Any]]) -> list[str]:
     """Expands names, comma lists, group:PREFIX and all (online agents) into agent names, in order."""
     known = sorted(str(a["name"]) for a in agents)
+    known_set = set(known)
     online = {str(a["name"]) for a in agents if a.get("online")}
     chosen: dict[str, None] = {}  # an ordered set: first mention wins, duplicates collapse
     unknown: list[str] = []
@@ -413,7 +415,7 @@ def resolve_targets(spec: str, agents: list[dict[str, Any]]) -> list[str]:
             members = [n for n in known if group_of(n) == prefix]
             if not members:
                 unknown.append(word)
-        elif word in known:
+        elif word in known_set:
             members = [word]
         else:
             members = []
@@ -534,7 +536,9 @@ def watch(batch: Batch, deadline: float, progress: Progress) -> tuple[dict[int, 
             if len(pending) == 1 and remaining > 0:
                 (task_id,) = pending
                 found = {}
-                task = wait_for_one(client, task_id, min(remaining, MAX_WAIT_PARAM_S))
+                # On a terminal, come back every second so the progress line's clock moves.
+                longest_s = PROGRESS_TICK_S if progress.enabled else MAX_WAIT_PARAM_S
+                task = wait_for_one(client, task_id, min(remaining, longest_s))
                 if task is not None:
                     found[task_id] = task
             else:
@@ -738,7 +742,7 @@ def read_password(user: str, url: str) -> str:
         except EOFError:
             return ""
     line = sys.stdin.readline()
-    return line.removesuffix("\n")
+    return line.rstrip("\r\n")
 
 
 def cmd_login(args: argparse.Namespace) -> int:
@@ -773,6 +777,13 @@ def cmd_login(args: argparse.Namespace) -> int:
     info = client.send("GET", "/api/v1/session", timeout_s=timeout_s)
     expires_at = info.data.get("expires_at") if isinstance(info.data, dict) else None
     path = save_session(Session(url=url, token=token, user=user, expires_at=expires_at, cacert=cacert))
+    if previous and previous.url == url and previous.token != token:
+        # The new session replaces the old one: end it on the server too, so logging in again
+        # does not leave live tokens behind. Best effort: it may well have expired already.
+        try:
+            Client(url, previous.token, cacert).send("POST", "/logout", timeout_s=timeout_s)
+        except CtlError:
+            pass
     if args.json:
         emit_json({"error": False, "url": url, "user": user, "expires_at": expires_at,
                    "config": str(path)})
@@ -888,9 +899,9 @@ def describe_payload(task: dict[str, Any]) -> str:
 
 
 def describe_result(task: dict[str, Any]) -> str:
-    outcome = classify(task, str(task.get("type")))
     if task.get("state") not in FINAL_STATES:
         return ""
+    outcome = classify(task, str(task.get("type")))
     if outcome.exit_code is not None:
         return f"exit {outcome.exit_code}"
     return "ok" if outcome.outcome == "ok" else shorten(outcome.msg or "", 40)

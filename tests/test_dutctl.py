@@ -1,17 +1,16 @@
 """dutctl as a script uses it: a subprocess against a real server, with real agents.
 
-This module holds the shared helpers (Ctl, Agents) and the tests of the session and of the
-listing commands; tests/test_dutctl_run.py covers `run` and `task`.
+This module holds the shared helpers (Ctl, Agents: real cli/dutagent.py processes) and the
+tests of the session and of the listing commands; tests/test_dutctl_run.py covers `run` and
+`task`.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import stat
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +78,13 @@ class Ctl:
 
 class Agents:
     """Real agents for a server: `cli/dutagent.py` subprocesses, each in a directory of its name
-    (so `basename $PWD` tells them apart in a command's output)."""
+    (so `basename $PWD` tells them apart in a command's output) that is also its HOME."""
 
     def __init__(self, server: RunningServer, base: Path) -> None:
         self.server = server
         self.base = base
         self.token = server.login()
-        self.procs: dict[str, Any] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def register(self, name: str) -> None:
         status, _, body = http("POST", f"{self.server.url}/api/v1/accounts",
@@ -99,14 +98,12 @@ class Agents:
             self.register(name)
             cwd = self.base / name
             cwd.mkdir(parents=True, exist_ok=True)
-            if DUTAGENT.exists():
-                with open(cwd / "agent.log", "ab") as log:
-                    self.procs[name] = subprocess.Popen(
-                        [PYTHON, str(DUTAGENT), "run", "--server", self.server.url, "--name", name,
-                         "--secret", AGENT_SECRET], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-            else:
-                self.procs[name] = LoopAgent(self.server.url, name, AGENT_SECRET, cwd)
-                self.procs[name].start()
+            env = dict(os.environ, HOME=str(cwd), XDG_CONFIG_HOME=str(cwd / "xdg"))
+            with open(cwd / "agent.log", "ab") as log:
+                self.procs[name] = subprocess.Popen(
+                    [PYTHON, str(DUTAGENT), "run", "--server", self.server.url, "--name", name,
+                     "--secret", AGENT_SECRET], cwd=cwd, env=env, stdout=log,
+                    stderr=subprocess.STDOUT)
         wait_until(lambda: self.online_names() >= set(names), timeout_s=10)
 
     def online_names(self) -> set[str]:
@@ -116,58 +113,15 @@ class Agents:
         return {a["name"] for a in json.loads(body)["agents"] if a["online"]}
 
     def stop_all(self) -> None:
-        # Signal every agent first, then wait: each may take up to one poll timeout to notice.
+        # Signal every agent first, then wait, so their shutdowns overlap.
         for proc in self.procs.values():
-            if isinstance(proc, subprocess.Popen):
-                proc.terminate()
-            else:
-                proc.stopping.set()
+            proc.terminate()
         for proc in self.procs.values():
-            if isinstance(proc, subprocess.Popen):
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            else:
-                proc.join(timeout=10)
-
-
-class LoopAgent(threading.Thread):
-    """A minimal protocol peer, used only until cli/dutagent.py exists in the tree: it long-polls
-    GET /tasks with Basic auth and posts each result, running commands with the real shell."""
-
-    def __init__(self, url: str, name: str, secret: str, cwd: Path) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.cwd = cwd
-        self.headers = {
-            "Authorization": "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode(),
-            "User-Agent": "dutagent/0.0-test",
-        }
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
             try:
-                status, _, body = http("GET", self.url + "/tasks", headers=self.headers, timeout=5)
-            except OSError:
-                continue
-            task = json.loads(body) if status == 200 and body else {}
-            if not task:
-                continue
-            http("POST", f"{self.url}/tasks_result?id={task['id']}", self.execute(task),
-                 self.headers)
-
-    def execute(self, task: dict[str, Any]) -> dict[str, Any]:
-        if task["type"] == "ping":
-            return {"pong": True, "agent_version": "0.0-test"}
-        if task["type"] == "execute_cmd":
-            proc = subprocess.run(task["cmd"], shell=True, capture_output=True, text=True,
-                                  cwd=self.cwd, timeout=task.get("timeout_s", 30), check=False)
-            return {"status_code": proc.returncode, "output": proc.stdout, "stderr": proc.stderr,
-                    "duration_s": 0.0}
-        return {"error": True, "msg": f"Unknown task type: {task['type']}"}
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def new_ctl(tmp_path: Path) -> Ctl:
