@@ -116,6 +116,14 @@ CASES: dict[str, Case] = {
     "submit-deep": Case("POST", "/tasks?target=AGENT", 400, "Invalid JSON: ", body=deep(1800)),
     "submit-too-big": Case("POST", "/tasks?target=AGENT", 413, "too large",
                            body=b'{"type": "x", "pad": "' + b"a" * BODY_MAX + b'"}'),
+    # NaN and Infinity are not JSON (RFC 8259); stored, they would be sent on to agents and to
+    # the browser, whose JSON.parse refuses the whole answer.
+    "submit-nan": Case("POST", "/tasks?target=AGENT&timeout=0.2", 400, "Invalid JSON: ",
+                       body=b'{"type": "ping", "v": NaN}'),
+    "api-submit-infinity": Case("POST", "/api/v1/tasks", 400, "Invalid JSON: ",
+                                body=b'{"targets": ["AGENT"], "task": {"type": "x", "v": -Infinity}}'),
+    "result-nan": Case("POST", "/tasks_result?id=NEWID", 400, "Invalid JSON: ",
+                       body=b'{"load": NaN}', auth="other-agent"),
     "submit-no-type": Case("POST", "/tasks?target=AGENT", 400, "Task type missing", body=b"{}"),
     "submit-type-not-str": Case("POST", "/tasks?target=AGENT", 400, "Task type missing",
                                 body=b'{"type": 5}'),
@@ -246,8 +254,15 @@ def _headers(case: Case, c: Ctx) -> dict[str, str]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_error_paths(ctx: Ctx, name: str) -> None:
     case = CASES[name]
-    path = case.path.replace("AGENT", ctx.agent.name).replace("ID", str(ctx.delivered_id))
-    status, headers, body = http(case.method, ctx.srv.url + path, case.body,
+    path = case.path.replace("AGENT", ctx.agent.name)
+    if "NEWID" in path:  # a task of its own, delivered to `other`, for a case that may spoil it
+        status, _, raw = call(ctx.srv, "POST", "/api/v1/tasks",
+                              {"targets": [ctx.other.name], "task": {"type": "ping"}}, ctx.token)
+        assert status == 202, raw
+        path = path.replace("NEWID", str(ctx.other.take()["id"]))
+    path = path.replace("ID", str(ctx.delivered_id))
+    body = case.body.replace(b"AGENT", ctx.agent.name.encode()) if case.body else case.body
+    status, headers, body = http(case.method, ctx.srv.url + path, body,
                                  headers=_headers(case, ctx))
     msg = assert_error(status, headers, body, case.expected, case.msg)
     if status == 405:
@@ -297,8 +312,10 @@ def test_no_html_no_traceback(ctx: Ctx, path: str, method: str) -> None:
 def test_body_limit_is_exact_and_a_refused_result_can_be_sent_again(ctx: Ctx) -> None:
     """A body of exactly --body-max-bytes is taken, one byte more is 413; a result refused for
     its size leaves the task waiting for a smaller one."""
+    agent = add_agent(ctx.srv, ctx.token, "limit")
+
     def task_of_size(size: int) -> bytes:
-        head = b'{"targets": ["%s"], "task": {"type": "ping", "pad": "' % ctx.agent.name.encode()
+        head = b'{"targets": ["%s"], "task": {"type": "ping", "pad": "' % agent.name.encode()
         return head + b"a" * (size - len(head) - 3) + b'"}}'
 
     exact = task_of_size(BODY_MAX)
@@ -310,9 +327,9 @@ def test_body_limit_is_exact_and_a_refused_result_can_be_sent_again(ctx: Ctx) ->
                                 ctx.token)
     assert_error(status, headers, raw, 413, str(BODY_MAX))
 
-    task = ctx.agent.take()
+    task = agent.take()
     assert task["id"] == task_id and len(task["pad"]) > BODY_MAX - 100
-    assert_error(*ctx.agent.post(task_id, b'{"output": "' + b"x" * BODY_MAX + b'"}'), 413)
-    assert ctx.agent.post(task_id, {"output": "short"})[0] == 200
+    assert_error(*agent.post(task_id, b'{"output": "' + b"x" * BODY_MAX + b'"}'), 413)
+    assert agent.post(task_id, {"output": "short"})[0] == 200
     status, _, raw = call(ctx.srv, "GET", f"/api/v1/tasks/{task_id}", token=ctx.token)
     assert json.loads(raw)["task"]["result"] == {"output": "short", "error": False}
