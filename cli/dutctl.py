@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -1110,7 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(argv)
     previous_handler = signal.getsignal(signal.SIGTERM)
-    in_main_thread = hasattr(signal, "SIGTERM") and _in_main_thread()
+    # Signal handlers can only be set from the main thread (tests may call main() from others).
+    in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         signal.signal(signal.SIGTERM, raise_interrupted)
     try:
@@ -1131,10 +1132,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
