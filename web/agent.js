@@ -1,0 +1,138 @@
+// One agent: a header with its live state, and tabs for command, processes, files,
+// inventory and task history. Tabs are built on first use and keep their state.
+
+import * as api from "./api.js";
+import { commandPanel } from "./command.js";
+import { errorBox, h, setText } from "./dom.js";
+import { ago, dateTime } from "./format.js";
+import { filesPanel } from "./files.js";
+import { inventoryPanel } from "./inventory.js";
+import { processesPanel } from "./processes.js";
+import { taskHistory } from "./tasks.js";
+
+const HEADER_REFRESH_MS = 2000;
+
+const TABS = [
+  ["command", "Command"],
+  ["processes", "Processes"],
+  ["files", "Files"],
+  ["inventory", "Inventory"],
+  ["history", "History"],
+];
+
+export function agentView(container, { name, tab }) {
+  let destroyed = false;
+  let timer = 0;
+  let agent = null;
+  const cleanups = [];
+  const error = errorBox();
+  const state = h("span", { class: "badge", text: "…" });
+  const facts = h("span", { class: "agent-facts muted" });
+  const panels = new Map();
+  const tabButtons = new Map();
+  const tablist = h("div", { class: "tabs", role: "tablist", "aria-label": `Views of ${name}` });
+  const panelHost = h("div", { class: "tab-panels" });
+  const inventoryListeners = [];
+
+  container.append(h("section", { class: "agent-page" },
+    h("nav", { class: "crumbs", "aria-label": "Breadcrumb" },
+      h("a", { href: "#/", text: "Agents" }), " / ", h("span", { text: name })),
+    h("div", { class: "page-head" }, h("h1", { text: name }), state, facts),
+    error.el, tablist, panelHost));
+
+  for (const [key, label] of TABS) {
+    const button = h("button", {
+      type: "button", role: "tab", id: `tab-${key}`, "aria-controls": `panel-${key}`,
+      "aria-selected": "false", tabindex: "-1", text: label,
+      onclick: () => select(key, true),
+      onkeydown: (event) => moveFocus(event, key),
+    });
+    tabButtons.set(key, button);
+    tablist.append(button);
+  }
+  select(TABS.some(([k]) => k === tab) ? tab : "command", false);
+  tick();
+
+  /** Arrow keys move between tabs, as in every tab widget. */
+  function moveFocus(event, key) {
+    const keys = TABS.map(([k]) => k);
+    let i = keys.indexOf(key);
+    if (event.key === "ArrowRight") i = (i + 1) % keys.length;
+    else if (event.key === "ArrowLeft") i = (i - 1 + keys.length) % keys.length;
+    else if (event.key === "Home") i = 0;
+    else if (event.key === "End") i = keys.length - 1;
+    else return;
+    event.preventDefault();
+    select(keys[i], true);
+    tabButtons.get(keys[i]).focus();
+  }
+
+  function select(key, updateUrl) {
+    for (const [k, button] of tabButtons) {
+      const on = k === key;
+      button.setAttribute("aria-selected", String(on));
+      button.tabIndex = on ? 0 : -1;
+    }
+    if (!panels.has(key)) {
+      const panel = h("div", { class: "tab-panel", role: "tabpanel", id: `panel-${key}`,
+        "aria-labelledby": `tab-${key}` });
+      panelHost.append(panel);
+      panels.set(key, panel);
+      build(key, panel);
+    }
+    for (const [k, panel] of panels) panel.hidden = k !== key;
+    if (updateUrl) {
+      // replaceState: switching tabs is not a navigation, and must not rebuild the page.
+      history.replaceState(null, "", `#/agent/${encodeURIComponent(name)}/${key}`);
+    }
+  }
+
+  function build(key, panel) {
+    if (key === "command") cleanups.push(commandPanel(panel, name));
+    else if (key === "processes") cleanups.push(processesPanel(panel, name));
+    else if (key === "files") cleanups.push(filesPanel(panel, name, () => agent));
+    else if (key === "inventory") {
+      const view = inventoryPanel(panel, name, loadAgent);
+      inventoryListeners.push(view.show);
+      if (agent) view.show(agent);
+    } else if (key === "history") {
+      const history = taskHistory({ target: name });
+      panel.append(history.el);
+      history.reload();
+    }
+  }
+
+  async function tick() {
+    await loadAgent();
+    if (!destroyed) timer = setTimeout(tick, HEADER_REFRESH_MS);
+  }
+
+  /** Fetches the agent (with inventory) and updates the header and the inventory tab. */
+  async function loadAgent() {
+    try {
+      agent = (await api.getAgent(name)).agent;
+      if (destroyed) return;
+      error.clear();
+      const online = Boolean(agent.online);
+      setText(state, online ? "online" : "offline");
+      state.className = `badge ${online ? "state-online" : "state-offline"}`;
+      const parts = [];
+      if (!online) parts.push(`last seen ${ago(agent.last_seen)}`);
+      if (agent.address) parts.push(String(agent.address));
+      if (agent.agent_version) parts.push(`agent ${agent.agent_version}`);
+      setText(facts, parts.join(" · "));
+      facts.title = agent.last_seen ? `Last seen ${dateTime(agent.last_seen)}` : "";
+      for (const show of inventoryListeners) show(agent);
+    } catch (err) {
+      if (err instanceof api.SessionExpired || destroyed) return;
+      error.show(err.status === 404 ? `There is no agent called ${name}.`
+        : `Cannot load the agent: ${err.message}`);
+    }
+  }
+
+  return () => {
+    destroyed = true;
+    clearTimeout(timer);
+    for (const cleanup of cleanups) if (typeof cleanup === "function") cleanup();
+  };
+}
