@@ -1273,9 +1273,10 @@ def cpu_model() -> str:
         return run_quiet(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
     elif IS_WINDOWS:
         import winreg
-        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE,  # type: ignore[attr-defined]
-                            r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as key:
-            return str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).strip()  # type: ignore[attr-defined]
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE,  # type: ignore[attr-defined,unused-ignore]
+                            r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as registry_key:
+            name = winreg.QueryValueEx(registry_key, "ProcessorNameString")[0]  # type: ignore[attr-defined,unused-ignore]
+            return str(name).strip()
     return platform.processor()
 
 
@@ -1667,10 +1668,9 @@ class Agent:
         with self._changed:
             self._changed.notify_all()
         poller.join(1.0)
-        signals_seen = self._signals
         deadline = started + self.settings.grace_s
         while self._unfinished() and time.monotonic() < deadline:
-            if self._signals > signals_seen:
+            if self._signals > 1:
                 log.warning("second stop signal: not waiting for the grace period")
                 break
             with self._changed:
@@ -1717,7 +1717,7 @@ class Agent:
                 delay = self._handle_poll_reply(reply, backoff, time.monotonic() - started)
                 if delay is None and troubled:
                     log.info("the server answers again")
-                    troubled = False
+                troubled = delay is not None and reply.status != 200
             except Aborted:
                 break
             except (OSError, http.client.HTTPException, BadAnswer) as e:
@@ -1789,7 +1789,15 @@ class Agent:
                 return
             self._runs[task_id] = run
             self._changed.notify_all()
-        threading.Thread(target=self._run_task, args=(run,), name=f"task-{task_id}", daemon=True).start()
+        try:
+            threading.Thread(target=self._run_task, args=(run,), name=f"task-{task_id}", daemon=True).start()
+        except RuntimeError:
+            # No thread to be had (the system's limit): answer from here rather than never.
+            log.error("task %d: cannot start a thread for it", task_id)
+            self._post_result(run, {"error": True, "msg": "agent error: cannot start a thread"})
+            with self._changed:
+                self._runs.pop(task_id, None)
+                self._changed.notify_all()
 
     # ---- running
 

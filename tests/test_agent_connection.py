@@ -3,16 +3,20 @@ refused credentials, a dead server, clean stops, and TLS."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from agent_support import Admin, process_gone, start_agent
+from agent_support import AGENT_SECRET, Admin, process_gone, start_agent
 from support import ADMIN, FAST_ARGS, RunningServer, cli, start_server, wait_until
 
 
@@ -203,49 +207,32 @@ def test_tls_with_ca_file_and_insecure(tmp_path: Path) -> None:
     ca.cert_pem.write_to_path(str(ca_pem))
     db = tmp_path / "tls.db"
     cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
-    cli("addaccount", str(db), "tlspc", "agent", stdin="agent-secret-0123456789\n")
     server = RunningServer(db=db, args=[*FAST_ARGS, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem)],
                            scheme="https").start()
-    agents = []
+    context = ssl.create_default_context(cafile=str(ca_pem))
+    token = json.loads(https(context, f"{server.url}/login?user={ADMIN[0]}&pass={ADMIN[1]}"))["token"]
+    for name in ("untrusting", "trusting", "insecure"):
+        https(context, f"{server.url}/api/v1/accounts", token,
+              {"name": name, "type": "agent", "password": AGENT_SECRET})
+    agents = [start_agent(tmp_path, server.url, "untrusting"),
+              start_agent(tmp_path, server.url, "trusting", "--ca-file", str(ca_pem)),
+              start_agent(tmp_path, server.url, "insecure", "--insecure")]
     try:
-        untrusting = start_agent(tmp_path, server.url, "tlspc")
-        agents.append(untrusting)
-        untrusting.wait_for_log(r"poll failed: TLS certificate not trusted .*; use --ca-file")
-        untrusting.stop()
-
-        trusting = start_agent(tmp_path, server.url, "tlspc", "--ca-file", str(ca_pem))
-        agents.append(trusting)
-        token = ca_login(server, ca_pem)
-        status, _, body = http_tls(server.url + "/tasks?target=tlspc", token, ca_pem)
-        assert status == 200 and b'"pong": true' in body
-        trusting.stop()
-
-        insecure = start_agent(tmp_path, server.url, "tlspc", "--insecure")
-        agents.append(insecure)
-        insecure.wait_for_log(r"--insecure: the server's TLS certificate is NOT verified")
-        status, _, body = http_tls(server.url + "/tasks?target=tlspc", token, ca_pem)
-        assert status == 200 and b'"pong": true' in body
+        agents[0].wait_for_log(r"poll failed: TLS certificate not trusted .*; use --ca-file")
+        for name in ("trusting", "insecure"):
+            result = json.loads(https(context, f"{server.url}/tasks?target={name}", token, {"type": "ping"}))
+            assert result["pong"] is True
+        agents[2].wait_for_log(r"\*\*\* --insecure: the server's TLS certificate is NOT verified")
+        assert "NOT verified" not in agents[1].output()
     finally:
         for agent in agents:
-            agent.stop()
+            assert agent.stop() == 0
         server.stop()
 
 
-def ca_login(server: RunningServer, ca_pem: Path) -> str:
-    import json
-    import ssl
-    import urllib.request
-    context = ssl.create_default_context(cafile=str(ca_pem))
-    url = f"{server.url}/login?user={ADMIN[0]}&pass={ADMIN[1]}"
-    with urllib.request.urlopen(url, context=context, timeout=5) as resp:
-        return str(json.loads(resp.read())["token"])
-
-
-def http_tls(url: str, token: str, ca_pem: Path) -> tuple[int, object, bytes]:
-    import ssl
-    import urllib.request
-    context = ssl.create_default_context(cafile=str(ca_pem))
-    req = urllib.request.Request(url, data=b'{"type": "ping"}', method="POST", headers={"Authorization": token})
+def https(context: ssl.SSLContext, url: str, token: str | None = None, body: Any = None) -> bytes:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Authorization": token} if token else {})
     with urllib.request.urlopen(req, context=context, timeout=15) as resp:
-        return resp.status, resp.headers, resp.read()
-
+        return bytes(resp.read())
