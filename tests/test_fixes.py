@@ -10,8 +10,17 @@ import threading
 import time
 from pathlib import Path
 
-from support import (ADMIN, PollingAgent, RunningServer, basic, cli, http, loads, start_server,
-                     wait_until)
+from support import (
+    ADMIN,
+    PollingAgent,
+    RunningServer,
+    basic,
+    cli,
+    http,
+    loads,
+    start_server,
+    wait_until,
+)
 
 SECRET = "agent-secret-0123456789"
 

@@ -12,9 +12,9 @@ import random
 import sqlite3
 
 import pytest
+from support import ADMIN, RunningServer
 
 from bench.loadgen import Connection, Target
-from support import ADMIN, RunningServer
 
 AGENTS = 100
 TASKS = 1000
