@@ -23,8 +23,16 @@ class Poll:
 
 
 class AgentSlot:
-    __slots__ = ("queue", "polls", "active_polls", "last_poll_end", "last_seen_ms", "address",
-                 "version", "seen_dirty")
+    __slots__ = (
+        "active_polls",
+        "address",
+        "last_poll_end",
+        "last_seen_ms",
+        "polls",
+        "queue",
+        "seen_dirty",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.queue: deque[Task] = deque()

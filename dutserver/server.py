@@ -9,6 +9,7 @@ import signal
 import socket
 from collections.abc import Generator
 from types import FrameType
+from typing import cast
 
 import uvicorn
 
@@ -33,7 +34,7 @@ class _Server(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        dispatcher = getattr(self.config.app.state, "dispatcher", None)
+        dispatcher = getattr(getattr(self.config.app, "state", None), "dispatcher", None)
         if dispatcher is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(dispatcher.close)
         if not self.should_exit:
@@ -67,7 +68,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         log_config=None,
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        # uvicorn types this as int, but hands it to asyncio.wait_for: fractions work.
+        timeout_graceful_shutdown=cast(int, settings.shutdown_timeout_s),
         timeout_keep_alive=60,  # agents and clients reuse their connections between polls
         backlog=4096,           # a restart herd of thousands of agents reconnecting at once
         server_header=False,

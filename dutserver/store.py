@@ -144,7 +144,7 @@ def account_remove(conn: sqlite3.Connection, name: str) -> bool:
 def account_get(conn: sqlite3.Connection, name: str) -> tuple[str, str, str] | None:
     row = conn.execute("SELECT name, type, secret_hash FROM accounts WHERE name = ?",
                        (name,)).fetchone()
-    return tuple(row) if row else None  # type: ignore[return-value]
+    return (row[0], row[1], row[2]) if row else None
 
 
 def accounts_all(conn: sqlite3.Connection) -> list[tuple[str, str, str, int, int]]:

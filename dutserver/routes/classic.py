@@ -100,7 +100,7 @@ async def _hash(auth: Auth, kind: str, secret: str) -> str:
 
 
 async def selfreg_enabled(req: Request) -> bool:
-    return await req.state["store"].read(store.setting_get, "selfreg") == "1"
+    return bool(await req.state["store"].read(store.setting_get, "selfreg") == "1")
 
 
 async def get_selfreg(req: Request) -> Reply:

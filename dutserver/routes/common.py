@@ -15,13 +15,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from dutserver.errors import ApiError
 
 log = logging.getLogger("dutserver.http")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+
 
 JSON_TYPE = (b"content-type", b"application/json")
 SECURITY_HEADERS = [
@@ -39,7 +39,7 @@ SECURITY_HEADERS = [
 class Reply:
     """What a handler answers: status, body bytes, content type and extra headers."""
 
-    __slots__ = ("status", "body", "content_type", "headers")
+    __slots__ = ("body", "content_type", "headers", "status")
 
     def __init__(self, status: int = 200, body: bytes = b"", content_type: bytes = b"",
                  headers: dict[str, str] | None = None) -> None:
@@ -62,7 +62,7 @@ def raw_json(data: bytes, status: int = 200) -> Reply:
 
 
 class Request:
-    __slots__ = ("scope", "receive", "_query", "_watcher")
+    __slots__ = ("_query", "_watcher", "receive", "scope")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -228,7 +228,7 @@ async def send_reply(send: Send, reply: Reply, head: bool = False) -> None:
 class SecurityHeaders:
     """Adds the security headers to every response, whoever produced it."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -236,7 +236,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: dict[str, Any]) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
             await send(message)

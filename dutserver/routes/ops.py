@@ -12,7 +12,9 @@ from starlette.staticfiles import StaticFiles
 from dutserver import __version__
 from dutserver.assets import client_program, web_dir
 from dutserver.errors import ApiError
-from dutserver.routes.common import Endpoint, Receive, Reply, Request, Scope, Send, ok, send_reply
+from starlette.types import Receive, Scope, Send
+
+from dutserver.routes.common import Endpoint, Reply, Request, ok, send_reply
 
 
 async def healthz(req: Request) -> Reply:
@@ -92,10 +94,10 @@ def build_openapi(routes: list[BaseRoute]) -> bytes:
         for method, handler in endpoint.handlers.items():
             if method == "HEAD":
                 continue
-            doc = " ".join((handler.__doc__ or handler.__name__).split())
+            text = " ".join((handler.__doc__ or handler.__name__).split())
             op: dict[str, Any] = {
-                "summary": doc.split(". ")[0].rstrip("."),
-                "description": doc,
+                "summary": text.split(". ")[0].rstrip("."),
+                "description": text,
                 "operationId": f"{method.lower()}_{handler.__name__}_{len(paths)}",
                 "responses": {"200": {"description": "Success"},
                               "default": {"description": "Error",
