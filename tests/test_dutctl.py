@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trustme
+from agent_support import AGENT_SECRET, Admin, AgentProcess, agent_env, start_agent
 from support import (
     ADMIN,
     FAST_ARGS,
@@ -31,8 +32,6 @@ from support import (
 )
 
 DUTCTL = ROOT / "cli" / "dutctl.py"
-DUTAGENT = ROOT / "cli" / "dutagent.py"
-AGENT_SECRET = "agent-secret-0123456789"
 
 
 @dataclass
@@ -83,14 +82,11 @@ class Agents:
     def __init__(self, server: RunningServer, base: Path) -> None:
         self.server = server
         self.base = base
-        self.token = server.login()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.admin = Admin(server)
+        self.procs: list[AgentProcess] = []
 
     def register(self, name: str) -> None:
-        status, _, body = http("POST", f"{self.server.url}/api/v1/accounts",
-                               {"name": name, "type": "agent", "password": AGENT_SECRET},
-                               {"Authorization": self.token})
-        assert status in (200, 201), body
+        self.admin.add_agent(name)
 
     def start(self, *names: str) -> None:
         """Starts agents and waits until the server sees each of them online."""
@@ -98,30 +94,22 @@ class Agents:
             self.register(name)
             cwd = self.base / name
             cwd.mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ, HOME=str(cwd), XDG_CONFIG_HOME=str(cwd / "xdg"))
-            with open(cwd / "agent.log", "ab") as log:
-                self.procs[name] = subprocess.Popen(
-                    [PYTHON, str(DUTAGENT), "run", "--server", self.server.url, "--name", name,
-                     "--secret", AGENT_SECRET], cwd=cwd, env=env, stdout=log,
-                    stderr=subprocess.STDOUT)
+            env = agent_env(HOME=str(cwd), XDG_CONFIG_HOME=str(cwd / "xdg"))
+            self.procs.append(start_agent(cwd, self.server.url, name, cwd=cwd, env=env))
         wait_until(lambda: self.online_names() >= set(names), timeout_s=10)
 
     def online_names(self) -> set[str]:
         status, _, body = http("GET", f"{self.server.url}/api/v1/agents?inventory=0",
-                               headers={"Authorization": self.token})
+                               headers=self.admin.headers)
         assert status == 200, body
         return {a["name"] for a in json.loads(body)["agents"] if a["online"]}
 
     def stop_all(self) -> None:
         # Signal every agent first, then wait, so their shutdowns overlap.
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for agent in self.procs:
+            agent.proc.terminate()
+        for agent in self.procs:
+            agent.stop()
 
 
 def new_ctl(tmp_path: Path) -> Ctl:
