@@ -116,7 +116,7 @@ OPTIONS: list[Option] = [
     Option("poll_timeout_s", float, 35.0, "seconds without an answer to a poll before the server "
            "counts as dead; must exceed the server's poll timeout (26 s by default)"),
     Option("backoff_min_s", float, 1.0, "first retry delay ceiling after a failure"),
-    Option("backoff_max_s", float, 60.0, "retry delay ceiling (delays are random below it)"),
+    Option("backoff_max_s", float, 20.0, "retry delay ceiling (delays are random below it)"),
     Option("forbidden_backoff_s", float, 120.0, "delay after the server refused the credentials"),
     Option("grace_s", float, 30.0, "on SIGTERM, how long running tasks may still finish"),
     Option("cmd_timeout_s", float, 3600.0, "execute_cmd timeout when the task gives none (0: none)"),
@@ -304,6 +304,14 @@ class Reply:
         self.status = status
         self.body = body
         self.retry_after_s = retry_after_s
+
+    def says_error(self) -> bool:
+        """A body of {"error": true, …}: a refusal even when the status claims success."""
+        try:
+            data = json.loads(self.body)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(data, dict) and data.get("error") is True
 
     def message(self) -> str:
         """The server's {"msg": …} when it sent one, else a short excerpt of the body."""
@@ -2033,7 +2041,7 @@ def command_register(s: Settings, config_path: str, force: bool) -> int:
         remove_quietly(temp)
         print(f"dutagent: cannot reach {s.server}: {describe_error(e)}", file=sys.stderr)
         return 1
-    if reply.status != 200:
+    if not 200 <= reply.status < 300 or reply.says_error():
         remove_quietly(temp)
         explanations = {
             405: "self-registration is disabled on the server. Ask an administrator to turn it on "

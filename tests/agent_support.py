@@ -26,26 +26,43 @@ AGENT_SECRET = "agent-secret-0123456789"
 
 # Retry delays in milliseconds instead of seconds, so that tests of failures stay fast.
 FAST_AGENT_ARGS = [
-    "--backoff-min-s", "0.05",
-    "--backoff-max-s", "0.3",
-    "--forbidden-backoff-s", "0.4",
-    "--poll-timeout-s", "10",
-    "--grace-s", "5",
-    "--log-level", "DEBUG",
+    "--backoff-min-s",
+    "0.05",
+    "--backoff-max-s",
+    "0.3",
+    "--forbidden-backoff-s",
+    "0.4",
+    "--poll-timeout-s",
+    "10",
+    "--grace-s",
+    "5",
+    "--log-level",
+    "DEBUG",
 ]
 
 
 class AgentProcess:
     """A real agent subprocess; its stderr (the log) goes to a file the test can read."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
-                 python: str = PYTHON, **popen: Any) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        python: str = PYTHON,
+        **popen: Any,
+    ) -> None:
         self.log = log
         self.argv = argv
         with open(log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [python, str(AGENT_PY), *argv], stdout=logf, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=env if env is not None else agent_env(), **popen)
+                [python, str(AGENT_PY), *argv],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env if env is not None else agent_env(),
+                **popen,
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -59,10 +76,13 @@ class AgentProcess:
                 raise AssertionError(f"agent exited ({self.proc.returncode}):\n{self.output()}")
             match = re.search(pattern, self.output())
             return match.group(0) if match else None
+
         try:
             return str(wait_until(found, timeout_s=timeout_s))
         except AssertionError:
-            raise AssertionError(f"{pattern!r} not logged within {timeout_s} s:\n{self.output()}")
+            raise AssertionError(
+                f"{pattern!r} not logged within {timeout_s} s:\n{self.output()}"
+            ) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -72,7 +92,9 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"agent did not stop in {timeout_s} s:\n{self.output()}")
+            raise AssertionError(
+                f"agent did not stop in {timeout_s} s:\n{self.output()}"
+            ) from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -97,19 +119,27 @@ def agent_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_agent(tmp_path: Path, url: str, name: str, *args: str, secret: str = AGENT_SECRET,
-                **kwargs: Any) -> AgentProcess:
+def start_agent(
+    tmp_path: Path, url: str, name: str, *args: str, secret: str = AGENT_SECRET, **kwargs: Any
+) -> AgentProcess:
     log = tmp_path / f"agent-{name}-{time.monotonic_ns()}.log"
     argv = ["run", "--server", url, "--name", name, "--secret", secret, *FAST_AGENT_ARGS, *args]
     return AgentProcess(argv, log, **kwargs)
 
 
-def agent_cli(*args: str, env: dict[str, str] | None = None, python: str = PYTHON,
-              timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def agent_cli(
+    *args: str, env: dict[str, str] | None = None, python: str = PYTHON, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Runs `dutagent.py ARGS…` to completion (register, --version, bad usage…)."""
-    return subprocess.run([python, str(AGENT_PY), *args], capture_output=True, text=True, check=False,
-                          timeout=timeout, env=env if env is not None else agent_env(),
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [python, str(AGENT_PY), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=env if env is not None else agent_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 class Admin:
@@ -124,14 +154,23 @@ class Admin:
         return {"Authorization": self.token}
 
     def add_agent(self, name: str, secret: str = AGENT_SECRET) -> None:
-        status, _, body = http("POST", f"{self.server.url}/api/v1/accounts",
-                               {"name": name, "type": "agent", "password": secret}, self.headers)
+        status, _, body = http(
+            "POST",
+            f"{self.server.url}/api/v1/accounts",
+            {"name": name, "type": "agent", "password": secret},
+            self.headers,
+        )
         assert status in (200, 201), body
 
     def run(self, target: str, task: dict[str, Any], timeout_s: float = 10) -> dict[str, Any]:
         """Blocking submit (PROTOCOL part 1): the agent's result as the server returns it."""
-        status, _, body = http("POST", f"{self.server.url}/tasks?target={target}&timeout={timeout_s}",
-                               task, self.headers, timeout=timeout_s + 5)
+        status, _, body = http(
+            "POST",
+            f"{self.server.url}/tasks?target={target}&timeout={timeout_s}",
+            task,
+            self.headers,
+            timeout=timeout_s + 5,
+        )
         assert status == 200, (status, body)
         result = json.loads(body)
         assert isinstance(result, dict)
@@ -139,15 +178,23 @@ class Admin:
 
     def enqueue(self, target: str, task: dict[str, Any]) -> int:
         """Non-blocking submit (PROTOCOL part 2): the new task's id."""
-        status, _, body = http("POST", f"{self.server.url}/api/v1/tasks",
-                               {"targets": [target], "task": task}, self.headers)
+        status, _, body = http(
+            "POST",
+            f"{self.server.url}/api/v1/tasks",
+            {"targets": [target], "task": task},
+            self.headers,
+        )
         assert status == 202, (status, body)
         return int(json.loads(body)["tasks"][0]["id"])
 
     def task(self, task_id: int, wait_s: float = 0) -> dict[str, Any]:
         query = f"?wait_s={wait_s}" if wait_s else ""
-        status, _, body = http("GET", f"{self.server.url}/api/v1/tasks/{task_id}{query}",
-                               headers=self.headers, timeout=wait_s + 10)
+        status, _, body = http(
+            "GET",
+            f"{self.server.url}/api/v1/tasks/{task_id}{query}",
+            headers=self.headers,
+            timeout=wait_s + 10,
+        )
         assert status == 200, (status, body)
         return dict(json.loads(body)["task"])
 
@@ -157,13 +204,16 @@ class Admin:
         return task
 
     def agent(self, name: str) -> dict[str, Any]:
-        status, _, body = http("GET", f"{self.server.url}/api/v1/agents/{name}", headers=self.headers)
+        status, _, body = http(
+            "GET", f"{self.server.url}/api/v1/agents/{name}", headers=self.headers
+        )
         assert status == 200, body
         return dict(json.loads(body)["agent"])
 
     def set_selfreg(self, enabled: bool) -> None:
-        status, _, body = http("POST", f"{self.server.url}/agent_selfreg?enabled={int(enabled)}",
-                               b"", self.headers)
+        status, _, body = http(
+            "POST", f"{self.server.url}/agent_selfreg?enabled={int(enabled)}", b"", self.headers
+        )
         assert status == 200, body
 
 
@@ -194,8 +244,10 @@ class FakeServer:
 
             def do_GET(self) -> None:
                 with fake.lock:
-                    fake.polls.append({k.lower(): v for k, v in self.headers.items()}
-                                      | {"path": self.path, "client_port": str(self.client_address[1])})
+                    fake.polls.append(
+                        {k.lower(): v for k, v in self.headers.items()}
+                        | {"path": self.path, "client_port": str(self.client_address[1])}
+                    )
                     step = fake.poll_script.pop(0) if fake.poll_script else None
                 if step is None:
                     time.sleep(0.2)
@@ -207,7 +259,9 @@ class FakeServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 with fake.lock:
-                    fake.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    fake.posts.append(
+                        (self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    )
                     status = fake.post_statuses.pop(0) if fake.post_statuses else 200
                 if status == 200:
                     self.send_response(200)
@@ -246,11 +300,14 @@ def send_json(handler: BaseHTTPRequestHandler, status: int, value: Any) -> None:
     send_raw(handler, status, json.dumps(value).encode())
 
 
-def send_raw(handler: BaseHTTPRequestHandler, status: int, body: bytes,
-             content_length: int | None = None) -> None:
+def send_raw(
+    handler: BaseHTTPRequestHandler, status: int, body: bytes, content_length: int | None = None
+) -> None:
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(body) if content_length is None else content_length))
+    handler.send_header(
+        "Content-Length", str(len(body) if content_length is None else content_length)
+    )
     handler.end_headers()
     try:
         handler.wfile.write(body)

@@ -24,8 +24,15 @@ from support import ADMIN, FAST_ARGS, RunningServer, cli, start_server, wait_unt
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Admin]]:
     """A server whose polls park for 30 s (so a prompt stop proves the poll was abandoned), and
     whose credential bans are out of the way of the deliberate 403s below."""
-    server = start_server(tmp_path_factory.mktemp("conn"), "--poll-timeout-s", "30",
-                          "--ban-failures", "1000", "--ban-address-failures", "100000")
+    server = start_server(
+        tmp_path_factory.mktemp("conn"),
+        "--poll-timeout-s",
+        "30",
+        "--ban-failures",
+        "1000",
+        "--ban-address-failures",
+        "100000",
+    )
     yield server, Admin(server)
     server.stop()
 
@@ -34,7 +41,9 @@ def online(admin: Admin, name: str) -> bool:
     return bool(admin.agent(name)["online"])
 
 
-def test_a_slow_task_does_not_block_a_fast_one(shared: tuple[RunningServer, Admin], tmp_path: Path) -> None:
+def test_a_slow_task_does_not_block_a_fast_one(
+    shared: tuple[RunningServer, Admin], tmp_path: Path
+) -> None:
     server, admin = shared
     admin.add_agent("busy")
     agent = start_agent(tmp_path, server.url, "busy")
@@ -50,8 +59,10 @@ def test_a_slow_task_does_not_block_a_fast_one(shared: tuple[RunningServer, Admi
         agent.wait_for_log("stopping: no new tasks")
         assert agent.stop(signal.SIGINT) == 0
         agent.wait_for_log("second stop signal: not waiting for the grace period")
-        assert admin.task(slow)["result"]["msg"] == \
-            "the agent is stopping; the command and its child processes were killed"
+        assert (
+            admin.task(slow)["result"]["msg"]
+            == "the agent is stopping; the command and its child processes were killed"
+        )
     finally:
         agent.kill()
 
@@ -64,7 +75,9 @@ def test_max_tasks_bounds_concurrency(shared: tuple[RunningServer, Admin], tmp_p
         slow = admin.enqueue("single", {"type": "execute_cmd", "cmd": "sleep 0.8; echo slow"})
         fast = admin.enqueue("single", {"type": "execute_cmd", "cmd": "echo fast"})
         slow_task, fast_task = admin.finished(slow), admin.finished(fast)
-        assert slow_task["result"]["output"] == "slow\n" and fast_task["result"]["output"] == "fast\n"
+        assert (
+            slow_task["result"]["output"] == "slow\n" and fast_task["result"]["output"] == "fast\n"
+        )
         assert fast_task["finished_at"] >= slow_task["finished_at"]
     finally:
         assert agent.stop() == 0
@@ -106,12 +119,16 @@ def test_server_restart_agent_reconnects_with_backoff(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_refused_credentials_back_off_and_recover(shared: tuple[RunningServer, Admin], tmp_path: Path) -> None:
+def test_refused_credentials_back_off_and_recover(
+    shared: tuple[RunningServer, Admin], tmp_path: Path
+) -> None:
     server, admin = shared
     agent = start_agent(tmp_path, server.url, "latecomer")  # no such account yet
     try:
-        agent.wait_for_log(r"the server refused the agent's credentials \(403 .*\): check name and "
-                           r"secret of agent 'latecomer'")
+        agent.wait_for_log(
+            r"the server refused the agent's credentials \(403 .*\): check name and "
+            r"secret of agent 'latecomer'"
+        )
         time.sleep(1.0)  # a window in which a busy loop would make hundreds of attempts
         assert agent.count("refused the agent's credentials") <= 8
         assert agent.proc.poll() is None  # no exit on 403
@@ -134,6 +151,7 @@ def test_a_dead_server_is_noticed_by_the_client_timeout(tmp_path: Path) -> None:
                 accepted.append(listener.accept()[0])
             except OSError:
                 return
+
     threading.Thread(target=accept, daemon=True).start()
     port = listener.getsockname()[1]
     agent = start_agent(tmp_path, f"http://127.0.0.1:{port}", "pc", "--poll-timeout-s", "0.4")
@@ -147,7 +165,9 @@ def test_a_dead_server_is_noticed_by_the_client_timeout(tmp_path: Path) -> None:
             conn.close()
 
 
-def test_sigterm_with_a_parked_poll_exits_at_once(shared: tuple[RunningServer, Admin], tmp_path: Path) -> None:
+def test_sigterm_with_a_parked_poll_exits_at_once(
+    shared: tuple[RunningServer, Admin], tmp_path: Path
+) -> None:
     server, admin = shared
     admin.add_agent("idle")
     agent = start_agent(tmp_path, server.url, "idle")
@@ -160,7 +180,8 @@ def test_sigterm_with_a_parked_poll_exits_at_once(shared: tuple[RunningServer, A
 
 
 def test_sigterm_lets_running_tasks_finish_and_answers_waiting_ones(
-        shared: tuple[RunningServer, Admin], tmp_path: Path) -> None:
+    shared: tuple[RunningServer, Admin], tmp_path: Path
+) -> None:
     server, admin = shared
     admin.add_agent("finisher")
     agent = start_agent(tmp_path, server.url, "finisher", "--max-tasks", "1")
@@ -179,13 +200,15 @@ def test_sigterm_lets_running_tasks_finish_and_answers_waiting_ones(
 
 
 def test_sigterm_after_the_grace_period_kills_tasks_and_reports_them(
-        shared: tuple[RunningServer, Admin], tmp_path: Path) -> None:
+    shared: tuple[RunningServer, Admin], tmp_path: Path
+) -> None:
     server, admin = shared
     admin.add_agent("impatient")
     agent = start_agent(tmp_path, server.url, "impatient", "--grace-s", "0.3")
     pidfile = tmp_path / "child.pid"
-    task_id = admin.enqueue("impatient", {"type": "execute_cmd",
-                                          "cmd": f"sleep 30 & echo $! > {pidfile}; sleep 30"})
+    task_id = admin.enqueue(
+        "impatient", {"type": "execute_cmd", "cmd": f"sleep 30 & echo $! > {pidfile}; sleep 30"}
+    )
     wait_until(lambda: pidfile.exists() and pidfile.read_text().strip())
     child = int(pidfile.read_text())
     started = time.monotonic()
@@ -193,7 +216,10 @@ def test_sigterm_after_the_grace_period_kills_tasks_and_reports_them(
     assert time.monotonic() - started < 4
     task = admin.task(task_id)
     assert task["state"] == "failed"
-    assert task["result"]["msg"] == "the agent is stopping; the command and its child processes were killed"
+    assert (
+        task["result"]["msg"]
+        == "the agent is stopping; the command and its child processes were killed"
+    )
     wait_until(lambda: process_gone(child))
 
 
@@ -207,20 +233,33 @@ def test_tls_with_ca_file_and_insecure(tmp_path: Path) -> None:
     ca.cert_pem.write_to_path(str(ca_pem))
     db = tmp_path / "tls.db"
     cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
-    server = RunningServer(db=db, args=[*FAST_ARGS, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem)],
-                           scheme="https").start()
+    server = RunningServer(
+        db=db,
+        args=[*FAST_ARGS, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem)],
+        scheme="https",
+    ).start()
     context = ssl.create_default_context(cafile=str(ca_pem))
-    token = json.loads(https(context, f"{server.url}/login?user={ADMIN[0]}&pass={ADMIN[1]}"))["token"]
+    token = json.loads(https(context, f"{server.url}/login?user={ADMIN[0]}&pass={ADMIN[1]}"))[
+        "token"
+    ]
     for name in ("untrusting", "trusting", "insecure"):
-        https(context, f"{server.url}/api/v1/accounts", token,
-              {"name": name, "type": "agent", "password": AGENT_SECRET})
-    agents = [start_agent(tmp_path, server.url, "untrusting"),
-              start_agent(tmp_path, server.url, "trusting", "--ca-file", str(ca_pem)),
-              start_agent(tmp_path, server.url, "insecure", "--insecure")]
+        https(
+            context,
+            f"{server.url}/api/v1/accounts",
+            token,
+            {"name": name, "type": "agent", "password": AGENT_SECRET},
+        )
+    agents = [
+        start_agent(tmp_path, server.url, "untrusting"),
+        start_agent(tmp_path, server.url, "trusting", "--ca-file", str(ca_pem)),
+        start_agent(tmp_path, server.url, "insecure", "--insecure"),
+    ]
     try:
         agents[0].wait_for_log(r"poll failed: TLS certificate not trusted .*; use --ca-file")
         for name in ("trusting", "insecure"):
-            result = json.loads(https(context, f"{server.url}/tasks?target={name}", token, {"type": "ping"}))
+            result = json.loads(
+                https(context, f"{server.url}/tasks?target={name}", token, {"type": "ping"})
+            )
             assert result["pong"] is True
         agents[2].wait_for_log(r"\*\*\* --insecure: the server's TLS certificate is NOT verified")
         assert "NOT verified" not in agents[1].output()
@@ -232,7 +271,11 @@ def test_tls_with_ca_file_and_insecure(tmp_path: Path) -> None:
 
 def https(context: ssl.SSLContext, url: str, token: str | None = None, body: Any = None) -> bytes:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                 headers={"Authorization": token} if token else {})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"Authorization": token} if token else {},
+    )
     with urllib.request.urlopen(req, context=context, timeout=15) as resp:
         return bytes(resp.read())

@@ -39,37 +39,59 @@ def test_ps_path_agrees_with_proc_path(dutagent: ModuleType) -> None:
 
 
 def test_ps_output_with_spaces_in_names_and_arguments(dutagent: ModuleType) -> None:
-    args_out = ("    1 root     /sbin/launchd\n"
-                "  412 alice    /Applications/Google Chrome.app/Contents/MacOS/Google Chrome --flag\n"
-                "  500 bob      \n")
-    comm_out = ("    1 /sbin/launchd\n"
-                "  412 /Applications/Google Chrome.app/Contents/MacOS/Google Chrome\n"
-                "  500 zsh\n")
+    args_out = (
+        "    1 root     /sbin/launchd\n"
+        "  412 alice    /Applications/Google Chrome.app/Contents/MacOS/Google Chrome --flag\n"
+        "  500 bob      \n"
+    )
+    comm_out = (
+        "    1 /sbin/launchd\n"
+        "  412 /Applications/Google Chrome.app/Contents/MacOS/Google Chrome\n"
+        "  500 zsh\n"
+    )
     assert dutagent.parse_ps_output(args_out, comm_out) == [
         {"id": 1, "name": "launchd", "user": "root", "cmdline": "/sbin/launchd"},
-        {"id": 412, "name": "Google Chrome", "user": "alice",
-         "cmdline": "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome --flag"},
+        {
+            "id": 412,
+            "name": "Google Chrome",
+            "user": "alice",
+            "cmdline": "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome --flag",
+        },
         {"id": 500, "name": "zsh", "user": "bob", "cmdline": ""},
     ]
 
 
 def test_windows_powershell_process_list(dutagent: ModuleType) -> None:
     # ConvertTo-Json -InputObject @(...) output of WINDOWS_PROCLIST_PS.
-    text = json.dumps([
-        {"id": 0, "name": "System Idle Process", "user": "", "cmdline": ""},
-        {"id": 4242, "name": "notepad.exe", "user": "PC1\\alice",
-         "cmdline": "\"C:\\Windows\\system32\\notepad.exe\" C:\\notes.txt"},
-    ])
+    text = json.dumps(
+        [
+            {"id": 0, "name": "System Idle Process", "user": "", "cmdline": ""},
+            {
+                "id": 4242,
+                "name": "notepad.exe",
+                "user": "PC1\\alice",
+                "cmdline": '"C:\\Windows\\system32\\notepad.exe" C:\\notes.txt',
+            },
+        ]
+    )
     procs = dutagent.parse_powershell_procs(json.loads(text))
-    assert procs[1] == {"id": 4242, "name": "notepad.exe", "user": "PC1\\alice",
-                        "cmdline": "\"C:\\Windows\\system32\\notepad.exe\" C:\\notes.txt"}
-    single = dutagent.parse_powershell_procs({"id": 8, "name": "a.exe", "user": None, "cmdline": None})
+    assert procs[1] == {
+        "id": 4242,
+        "name": "notepad.exe",
+        "user": "PC1\\alice",
+        "cmdline": '"C:\\Windows\\system32\\notepad.exe" C:\\notes.txt',
+    }
+    single = dutagent.parse_powershell_procs(
+        {"id": 8, "name": "a.exe", "user": None, "cmdline": None}
+    )
     assert single == [{"id": 8, "name": "a.exe", "user": "", "cmdline": ""}]
 
 
 def test_windows_tasklist_fallback(dutagent: ModuleType) -> None:
-    text = ('"System Idle Process","0","Services","0","8 K"\r\n'
-            '"chrome.exe","1234","Console","1","150,000 K"\r\n')
+    text = (
+        '"System Idle Process","0","Services","0","8 K"\r\n'
+        '"chrome.exe","1234","Console","1","150,000 K"\r\n'
+    )
     assert dutagent.parse_tasklist_csv(text) == [
         {"id": 0, "name": "System Idle Process", "user": "", "cmdline": ""},
         {"id": 1234, "name": "chrome.exe", "user": "", "cmdline": ""},
@@ -77,9 +99,11 @@ def test_windows_tasklist_fallback(dutagent: ModuleType) -> None:
 
 
 def test_windows_query_user(dutagent: ModuleType) -> None:
-    text = (" USERNAME              SESSIONNAME        ID  STATE   IDLE TIME  LOGON TIME\n"
-            ">alice                 console             1  Active      none   1/2/2025 9:00 AM\n"
-            " bob                                       2  Disc         1:05  1/2/2025 8:00 AM\n")
+    text = (
+        " USERNAME              SESSIONNAME        ID  STATE   IDLE TIME  LOGON TIME\n"
+        ">alice                 console             1  Active      none   1/2/2025 9:00 AM\n"
+        " bob                                       2  Disc         1:05  1/2/2025 8:00 AM\n"
+    )
     assert dutagent.parse_query_user(text) == ["alice", "bob"]
 
 
@@ -88,8 +112,16 @@ def test_proc_mounts_escapes(dutagent: ModuleType) -> None:
 
 
 def test_long_lists_are_cut_to_fit_the_result_limit(dutagent: ModuleType) -> None:
-    contents = [{"name": f"file{i:05}", "dir": False, "fullpath": f"/d/file{i:05}", "size": i,
-                 "mtime": "2025-01-01T00:00:00Z"} for i in range(20000)]
+    contents = [
+        {
+            "name": f"file{i:05}",
+            "dir": False,
+            "fullpath": f"/d/file{i:05}",
+            "size": i,
+            "mtime": "2025-01-01T00:00:00Z",
+        }
+        for i in range(20000)
+    ]
     body = dutagent.encode_result({"contents": contents}, 100_000)
     assert len(body) <= 100_000
     fitted = json.loads(body)

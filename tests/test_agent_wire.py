@@ -27,6 +27,7 @@ def raw(body: bytes, status: int = 200, content_length: int | None = None) -> An
 def unbounded(size: int) -> Any:
     """An answer without Content-Length, ended by closing the connection: only the agent's
     own limit stops it from reading everything."""
+
     def respond(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
@@ -37,6 +38,7 @@ def unbounded(size: int) -> Any:
             h.wfile.write(b'{"id": 1, "type": "ping", "pad": "' + b"x" * size + b'"}')
         except OSError:
             pass
+
     return respond
 
 
@@ -79,14 +81,14 @@ def test_native_mode_uses_basic_auth_and_one_keep_alive_connection(tmp_path: Pat
 def test_garbage_from_the_server_is_logged_and_survived(tmp_path: Path) -> None:
     with FakeServer() as fake:
         fake.script(
-            raw(b"<html>Bad Gateway</html>"),                      # not JSON
-            task([1, 2, 3]),                                       # JSON, not an object
-            raw(b'{"id": 4, "type": "pi', content_length=200),     # truncated body
-            raw(b"{}", content_length=500 * 1024 * 1024),          # announces 500 MiB
-            unbounded(3 * 1024 * 1024),                            # 3 MiB with no length
-            task({"id": "abc", "type": "ping"}),                   # wrong type of id
-            task({"type": "ping"}),                                # no id at all
-            task({"id": 7, "type": 5}),                            # wrong type of type
+            raw(b"<html>Bad Gateway</html>"),  # not JSON
+            task([1, 2, 3]),  # JSON, not an object
+            raw(b'{"id": 4, "type": "pi', content_length=200),  # truncated body
+            raw(b"{}", content_length=500 * 1024 * 1024),  # announces 500 MiB
+            unbounded(3 * 1024 * 1024),  # 3 MiB with no length
+            task({"id": "abc", "type": "ping"}),  # wrong type of id
+            task({"type": "ping"}),  # no id at all
+            task({"id": 7, "type": 5}),  # wrong type of type
             task({"id": 8, "type": "execute_cmd", "cmd": ["ls"]}),  # wrong type of a field
             raw(b"<html>Internal Server Error</html>", status=500),
             task({"id": 9, "type": "ping"}),
@@ -110,8 +112,8 @@ def test_garbage_from_the_server_is_logged_and_survived(tmp_path: Path) -> None:
             "poll failed: truncated answer",
             "poll failed: answer of 524288000 bytes exceeds the limit of 1048576 bytes",
             "poll failed: answer exceeds the limit of 1048576 bytes",
-            'the server sent a task without a valid id (id "abc", type "ping"); it cannot be answered',
-            'the server sent a task without a valid id (id null, type "ping"); it cannot be answered',
+            'a task without a valid id (id "abc", type "ping"); it cannot be answered',
+            'a task without a valid id (id null, type "ping"); it cannot be answered',
             "poll answered HTTP 500 (<html>Internal Server Error</html>)",
         ]:
             assert expected in log, expected
@@ -144,9 +146,13 @@ def test_a_refused_result_becomes_an_error_result(tmp_path: Path) -> None:
         finally:
             assert agent.stop() == 0
         assert json.loads(fake.posts[1][2]) == {
-            "error": True, "msg": "the server refused the agent's result: HTTP 413 scripted 413"}
-        assert "task 12: the server refused the result (413 scripted 413); posting an error result" \
+            "error": True,
+            "msg": "the server refused the agent's result: HTTP 413 scripted 413",
+        }
+        assert (
+            "task 12: the server refused the result (413 scripted 413); posting an error result"
             in agent.output()
+        )
 
 
 def test_a_result_the_server_no_longer_wants_is_dropped_after_one_try(tmp_path: Path) -> None:
@@ -155,7 +161,9 @@ def test_a_result_the_server_no_longer_wants_is_dropped_after_one_try(tmp_path: 
         fake.script(task({"id": 13, "type": "ping"}))
         agent = start_agent(tmp_path, fake.url, "pc")
         try:
-            agent.wait_for_log(r"task 13: the server no longer takes its result \(404 scripted 404\); dropped")
+            agent.wait_for_log(
+                r"task 13: the server no longer takes its result \(404 scripted 404\); dropped"
+            )
             wait_until(lambda: len(fake.polls) >= 3)
         finally:
             assert agent.stop() == 0
