@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -306,7 +305,7 @@ def parse_credentials(header: str | None) -> tuple[str | None, str]:
     if header[:6].lower() == "basic ":
         try:
             header = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII input
             return None, ""
     name, sep, secret = header.partition(":")
     if not sep or not name:

@@ -181,16 +181,18 @@ async def post_result(req: Request) -> Reply:
 
 
 def routes() -> list[Route]:
-    tasks = Endpoint({"GET": poll_task, "POST": submit_task})
+    tasks = Endpoint({"GET": poll_task, "POST": submit_task}, head=False)
     results = Endpoint({"POST": post_result})
     selfreg = Endpoint({"GET": get_selfreg, "POST": set_selfreg})
     return [
         Route("/tasks", tasks),
         Route("/tasks_result", results),
         Route("/task_result", results),
-        Route("/login", Endpoint({"GET": login, "POST": login}, public=True)),
-        Route("/logout", Endpoint({m: logout for m in ("GET", "POST", "PUT", "DELETE")})),
-        Route("/agents", Endpoint({"GET": list_agents, "POST": register_agent}, public=True)),
+        Route("/login", Endpoint({"GET": login, "POST": login}, public={"GET", "POST"},
+                                 head=False)),
+        Route("/logout", Endpoint({m: logout for m in ("GET", "POST", "PUT", "DELETE")},
+                                  head=False)),
+        Route("/agents", Endpoint({"GET": list_agents, "POST": register_agent}, public={"POST"})),
         Route("/agent_selfreg", selfreg),
         Route("/agents_selfreg", selfreg),
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -126,7 +126,7 @@ class Request:
     async def json(self) -> Any:
         data = await self.body()
         try:
-            return json.loads(data)
+            return json.loads(data, parse_constant=_not_json)
         except RecursionError:
             raise ApiError(400, "Invalid JSON: nested too deeply") from None
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -148,7 +148,7 @@ class Request:
             return values
         if data.lstrip()[:1] == b"{":
             try:
-                body = json.loads(data)
+                body = json.loads(data, parse_constant=_not_json)
             except (ValueError, RecursionError):
                 raise ApiError(400, "Invalid JSON: the body is not valid JSON") from None
             if not isinstance(body, dict):
@@ -181,17 +181,26 @@ class Request:
             self._watcher.cancel()
 
 
+def _not_json(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; browsers' JSON.parse does not, so one such value
+    # stored in a task would break every history view that lists it.
+    raise ValueError(f"{name} is not JSON")
+
+
 Handler = Callable[[Request], Awaitable[Reply]]
 
 
 class Endpoint:
     """One path's handlers by method, as a raw ASGI app (Starlette treats it as such)."""
 
-    def __init__(self, handlers: dict[str, Handler], public: bool = False) -> None:
+    def __init__(self, handlers: dict[str, Handler], public: Collection[str] = (),
+                 head: bool = True) -> None:
+        """public: the methods anyone may call without credentials. head: answer HEAD like
+        GET; off where GET has side effects (a HEAD /tasks must never take a task)."""
         self.handlers = dict(handlers)
-        if "GET" in self.handlers and "HEAD" not in self.handlers:
+        if head and "GET" in self.handlers and "HEAD" not in self.handlers:
             self.handlers["HEAD"] = self.handlers["GET"]
-        self.public = public
+        self.public = frozenset(public)
         self._allow = ", ".join(m for m in self.handlers if m != "HEAD")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -46,7 +46,7 @@ async def agent_program(req: Request) -> Reply:
 
 def routes() -> list[BaseRoute]:
     """Ops routes; the web client's Mount comes last because it answers every other path."""
-    public = {"public": True}
+    public = {"public": {"GET"}}
     return [
         Route("/healthz", Endpoint({"GET": healthz}, **public)),
         Route("/readyz", Endpoint({"GET": readyz}, **public)),
@@ -106,7 +106,7 @@ def build_openapi(routes: list[BaseRoute]) -> bytes:
             }
             if params:
                 op["parameters"] = params
-            if not endpoint.public:
+            if method not in endpoint.public:
                 op["security"] = [{"session": []}, {"agent": []}]
             if method in ("POST", "PUT"):
                 op["requestBody"] = {"required": False, "content": {
