@@ -51,6 +51,11 @@ def test_login_logout_and_the_token_stays_out_of_urls(
     response = page.goto(web_server.url + "/")
     csp = response.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    background = "getComputedStyle(document.body).backgroundColor"
+    page.emulate_media(color_scheme="dark")
+    dark = page.evaluate(background)
+    page.emulate_media(color_scheme="light")
+    assert dark != page.evaluate(background)  # follows the system's dark/light setting
 
     page.get_by_label("User").fill("admin")
     page.get_by_label("Password").fill("wrong-password")
@@ -143,6 +148,18 @@ def test_run_a_command_and_see_exit_code_output_errors_and_duration(
     expect(card.locator("pre.stderr")).to_have_text("oops\n")
     expect(card.locator("header .muted").first).to_have_text(re.compile(r"^\d+(\.\d+)? (ms|s)$"))
 
+    # Keyboard only: ↑ recalls the last command, arrow keys move between the tabs.
+    page.get_by_role("textbox", name="Command").fill("")
+    page.get_by_role("textbox", name="Command").press("ArrowUp")
+    expect(page.get_by_role("textbox", name="Command")).to_have_value(
+        "echo hello; echo oops >&2; exit 3")
+    page.get_by_role("tab", name="Command").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="Processes")).to_be_focused()
+    expect(page.get_by_role("tab", name="Processes")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("table.procs tbody tr").first).to_be_visible(timeout=10000)
+    assert page.url.endswith("#/agent/cmd-1/processes")  # a reload comes back to this tab
+
 
 def test_upload_then_download_gives_back_the_same_bytes_and_rename_delete_confirm(
         web_server: RunningServer, web_agents: Agents, web: tuple[Any, Any], tmp_path: Path) -> None:
@@ -175,7 +192,9 @@ def test_upload_then_download_gives_back_the_same_bytes_and_rename_delete_confir
     assert (home / "renamed.bin").read_bytes() == payload and not (home / "upload.bin").exists()
 
     page.get_by_role("button", name="Delete renamed.bin").click()
-    dialog.get_by_role("button", name="Cancel").click()  # cancelling keeps the file
+    expect(dialog.get_by_role("button", name="Cancel")).to_be_focused()  # a stray Enter is safe
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
     assert (home / "renamed.bin").exists()
     page.get_by_role("button", name="Delete renamed.bin").click()
     expect(dialog).to_contain_text("This cannot be undone")

@@ -88,7 +88,7 @@ export function agentView(container, { name, tab }) {
   }
 
   function build(key, panel) {
-    if (key === "command") cleanups.push(commandPanel(panel, name));
+    if (key === "command") cleanups.push(commandPanel(panel, name, () => agent));
     else if (key === "processes") cleanups.push(processesPanel(panel, name));
     else if (key === "files") cleanups.push(filesPanel(panel, name, () => agent));
     else if (key === "inventory") {

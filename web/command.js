@@ -9,7 +9,7 @@ const KEEP_RUNS = 20;
 /** The server waits this much longer than the command may run, so a slow start still counts. */
 const SLACK_S = 5;
 
-export function commandPanel(panel, agentName) {
+export function commandPanel(panel, agentName, getAgent = () => null) {
   const error = errorBox();
   const input = h("input", { name: "cmd", required: true, autocomplete: "off",
     spellcheck: "false", placeholder: "e.g. hostname", "aria-label": "Command" });
@@ -56,8 +56,11 @@ export function commandPanel(panel, agentName) {
     run.textContent = "Running…";
     run.setAttribute("aria-busy", "true");
     cancel.hidden = false;
+    // An offline agent gets the command when it next polls; say why nothing happens yet.
+    const waiting = getAgent()?.online === false ? `${agentName} is offline, waiting for it… ` : "";
+    elapsed.textContent = waiting;
     ticker = setInterval(() => {
-      elapsed.textContent = `${Math.floor((Date.now() - started) / 1000)} s`;
+      elapsed.textContent = `${waiting}${Math.floor((Date.now() - started) / 1000)} s`;
     }, 1000);
     try {
       const result = await api.runTask(agentName,
@@ -66,7 +69,10 @@ export function commandPanel(panel, agentName) {
     } catch (err) {
       if (err instanceof api.SessionExpired) return;
       if (err.name === "AbortError") error.show("Cancelled. If the agent had already started the command, it runs to its end; see History.");
-      else if (err.status === 504) error.show(`No answer from ${agentName} within ${timeoutS + SLACK_S} s. Is it online?`);
+      else if (err.status === 504) {
+        error.show(`No answer from ${agentName} in time. If it was offline, the command was `
+          + "cancelled; if it had already started, its result will appear under History.");
+      }
       else if (err.status === 404) error.show(`There is no agent called ${agentName}.`);
       else error.show(`Could not run the command: ${err.message}`);
     } finally {

@@ -122,6 +122,9 @@ export function dashboardView(container) {
 
   /** Rebuilds group membership; only when the set of names changed. */
   function regroup() {
+    // A removed agent cannot stay picked for a broadcast (the submit would fail with 404).
+    const gone = selection.list().filter((name) => !agents.has(name));
+    if (gone.length) selection.setMany(gone, false);
     const members = new Map();
     for (const name of agents.keys()) {
       const key = groupOf(name);
