@@ -349,6 +349,8 @@ def describe_error(exc: BaseException) -> str:
         return "the server closed the connection without answering"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "the connection was reset"
     text = str(exc) or exc.__class__.__name__
     return f"{exc.__class__.__name__}: {text}" if not isinstance(exc, (OSError, BadAnswer)) else text
 
@@ -769,8 +771,10 @@ def task_execute_cmd(task: JsonDict, ctx: TaskContext) -> JsonDict:
     env: dict[str, str] | None = None
     if env_field is not None:
         if not isinstance(env_field, dict) or not all(
-                isinstance(k, str) and k and isinstance(v, str) for k, v in env_field.items()):
-            raise TaskError("field 'env' must be an object of non-empty string names to string values")
+                isinstance(k, str) and k and "=" not in k and "\x00" not in k
+                and isinstance(v, str) and "\x00" not in v for k, v in env_field.items()):
+            raise TaskError("field 'env' must be an object of variable names (no '=', no NUL) "
+                            "to string values")
         env = dict(os.environ)
         env.update(env_field)
     started = time.monotonic()
@@ -2056,7 +2060,9 @@ def command_register(s: Settings, config_path: str, force: bool) -> int:
         return 1
     os.replace(temp, config_path)
     print(f"registered agent {name!r} at {s.server}; config written to {config_path}")
-    print(f"start it with: dutagent run --config {config_path}")
+    program = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else ""
+    command = f"{sys.executable} {program}" if program else "dutagent"
+    print(f"start it with: {command} run --config {config_path}")
     return 0
 
 
