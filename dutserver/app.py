@@ -13,12 +13,14 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dutserver.auth import Auth
 from dutserver.config import Settings
 from dutserver.dispatcher import Dispatcher
 from dutserver.routes import api, classic, ops
-from dutserver.routes.common import SecurityHeaders
+from dutserver.routes.common import Endpoint, SecurityHeaders
 from dutserver.store import Store
 from dutserver.tasks import Tasks
 
@@ -57,12 +59,33 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
             log.info("dutserver stopped")
 
-    return Starlette(
+    return App(
         routes=routes,
         middleware=[Middleware(SecurityHeaders)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
+
+
+class App(Starlette):
+    """Starlette, with a shortcut for fixed paths: a poll, a submit or a result goes straight to
+    its Endpoint, skipping the router's regex scan and two exception middlewares (Endpoints
+    render their own errors). Everything else takes Starlette's full path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fixed_paths = {r.path: r.endpoint for r in self.routes
+                            if isinstance(r, Route) and isinstance(r.endpoint, Endpoint)
+                            and "{" not in r.path}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.fixed_paths.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _refresh(auth: Auth, tasks: Tasks) -> Callable[[], Awaitable[None]]:

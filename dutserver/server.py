@@ -73,6 +73,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         timeout_keep_alive=60,  # agents and clients reuse their connections between polls
         backlog=4096,           # a restart herd of thousands of agents reconnecting at once
         server_header=False,
+        proxy_headers=False,    # addresses in the audit log and bans are the peers' own
         date_header=False,
         lifespan="on",
     )

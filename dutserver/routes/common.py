@@ -225,7 +225,7 @@ class Endpoint:
 
 
 async def send_reply(send: Send, reply: Reply, head: bool = False) -> None:
-    headers = [(b"content-length", str(len(reply.body)).encode())]
+    headers = [(b"content-length", str(len(reply.body)).encode()), *SECURITY_HEADERS]
     if reply.content_type:
         headers.append((b"content-type", reply.content_type))
     if reply.headers:
@@ -235,7 +235,8 @@ async def send_reply(send: Send, reply: Reply, head: bool = False) -> None:
 
 
 class SecurityHeaders:
-    """Adds the security headers to every response, whoever produced it."""
+    """Adds the security headers to responses that do not have them yet (Endpoints add their
+    own as they build the response; static files and Starlette's own errors get them here)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -247,7 +248,10 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADERS]
+                headers = list(message.get("headers", ()))
+                if SECURITY_HEADERS[1] not in headers:
+                    headers.extend(SECURITY_HEADERS)
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

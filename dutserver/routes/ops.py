@@ -46,12 +46,12 @@ async def agent_program(req: Request) -> Reply:
 
 def routes() -> list[BaseRoute]:
     """Ops routes; the web client's Mount comes last because it answers every other path."""
-    public = {"public": {"GET"}}
+    public = {"GET"}
     return [
-        Route("/healthz", Endpoint({"GET": healthz}, **public)),
-        Route("/readyz", Endpoint({"GET": readyz}, **public)),
-        Route("/openapi.json", Endpoint({"GET": openapi}, **public)),
-        Route("/agent/dutagent.py", Endpoint({"GET": agent_program}, **public)),
+        Route("/healthz", Endpoint({"GET": healthz}, public=public)),
+        Route("/readyz", Endpoint({"GET": readyz}, public=public)),
+        Route("/openapi.json", Endpoint({"GET": openapi}, public=public)),
+        Route("/agent/dutagent.py", Endpoint({"GET": agent_program}, public=public)),
         Mount("/", WebFiles(), name="web"),
     ]
 
