@@ -60,7 +60,7 @@ export function processesPanel(panel, agentName) {
       await busy(kill, "Killing…", async () => {
         error.clear();
         try {
-          const result = await api.runTask(agentName, { type: "kill", id: proc.id }, TIMEOUT_S);
+          const result = await api.runTask(agentName, { type: "kill", pid: proc.id }, TIMEOUT_S);
           if (result.error) throw new Error(text(result.msg));
           await load();
         } catch (err) {

@@ -17,7 +17,7 @@ export function describeTask(type, payload) {
     case "readfile": case "writefile": case "deletefile": return text(p.path);
     case "movefile": return `${text(p.frompath)} → ${text(p.topath)}`;
     case "downloadfile": return `${text(p.url)} → ${text(p.out)}`;
-    case "kill": return `process ${text(p.id)}`;
+    case "kill": return `process ${text(p.pid ?? p.id)}`;
     default: return "";
   }
 }
