@@ -1945,8 +1945,8 @@ def build_parser() -> argparse.ArgumentParser:
                "DUTAGENT_SERVER, DUTAGENT_SECRET) and, except --config, as a key of the JSON "
                "config file (e.g. \"server\"). Flags win over the environment, the environment "
                "over the file. Default config file: ~/.config/dutagent/agent.json, "
-               "/etc/dutagent/agent.json for root, %%APPDATA%%\\dutagent\\agent.json or "
-               "%%PROGRAMDATA%%\\dutagent\\agent.json for administrators on Windows.")
+               "/etc/dutagent/agent.json for root, %APPDATA%\\dutagent\\agent.json or "
+               "%PROGRAMDATA%\\dutagent\\agent.json for administrators on Windows.")
     parser.add_argument("--version", action="version", version=f"dutagent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     register = commands.add_parser("register", help="create this agent's account on the server "
