@@ -267,7 +267,9 @@ def test_parallel_polls_of_one_agent_each_get_their_own_task(server: RunningServ
     got: list[dict] = []
 
     def poll() -> None:
-        got.append(loads(http("GET", f"{server.url}/tasks", headers=basic("pc1", SECRET))[2]))
+        status, _, body = http("GET", f"{server.url}/tasks", headers=basic("pc1", SECRET))
+        assert status == 200, body
+        got.append(loads(body))
     threads = [threading.Thread(target=poll) for _ in range(3)]
     for t in threads:
         t.start()
