@@ -121,6 +121,8 @@ async def list_agent_status(req: Request) -> Reply:
     its last inventory."""
     require_admin(req)
     with_inventory = req.query.get("inventory", "1") not in ("0", "false", "no")
+    if with_inventory:
+        await req.state["store"].barrier()  # an inventory that just came in is shown
     rows = await req.state["store"].read(store.agent_rows, with_inventory)
     views = []
     for row in rows:
@@ -135,6 +137,7 @@ async def get_agent(req: Request) -> Reply:
     """One agent's status and inventory."""
     require_admin(req)
     name = req.path_params["name"]
+    await req.state["store"].barrier()
     rows = await req.state["store"].read(store.agent_rows, True, name)
     if not rows:
         raise unknown_agent(name)
