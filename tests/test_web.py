@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import FAST_ARGS, RunningServer, http, start_server, wait_until
+from support import RunningServer, http, wait_until
 from web_support import (
     AGENT_SECRET,
     HOSTILE,
@@ -26,6 +26,7 @@ from web_support import (
     logged_in,
     open_page,
     screenshot,
+    server_with,
     token_of,
     web,  # noqa: F401  (fixture)
     web_agents,  # noqa: F401  (fixture)
@@ -82,10 +83,9 @@ def test_login_logout_and_the_token_stays_out_of_urls(
 def test_expired_session_returns_to_login_and_back_to_the_same_page(
         tmp_path: Path, web: tuple[Any, Any]) -> None:
     page, _ = web
-    srv = start_server(tmp_path, "--session-max-s", "2")
+    # lab-1 stays offline: the agent page polls its state all the same.
+    srv = server_with(tmp_path, "--session-max-s", "2", agents=["lab-1"])
     try:
-        pool = Agents(srv, tmp_path / "agents")
-        pool.register("lab-1")  # offline is enough: the page polls its state
         log_in(page, srv)
         page.get_by_role("link", name="lab-1").click()
         expect(page.get_by_role("heading", name="lab-1")).to_be_visible()
@@ -242,21 +242,10 @@ def test_broadcast_to_a_group_shows_each_result_and_a_grouped_summary(
 
 def test_two_thousand_agents_render_and_the_page_stays_responsive(
         tmp_path: Path, web_browser: Any) -> None:
-    from click.testing import CliRunner
-
-    from dutserver.cli import main
-
-    db = tmp_path / "dut.db"
-    runner = CliRunner()
-    # Through the real `dutserver addaccount`, in-process: 2,000 subprocesses would take minutes.
-    for i in range(2000):
-        result = runner.invoke(main, ["addaccount", str(db), f"rack{i % 20:02d}-pc{i}", "agent"],
-                               input=AGENT_SECRET + "\n")
-        assert result.exit_code == 0, result.output
-    runner.invoke(main, ["addaccount", str(db), "admin", "admin"], input="adminpass1\n")
-    srv = RunningServer(db=db, args=FAST_ARGS).start()
+    names = [f"rack{i % 20:02d}-pc{i}" for i in range(2000)]
+    srv = server_with(tmp_path, agents=names)
     context, page, watch = open_page(web_browser)
-    pool = Agents(srv, tmp_path / "agents")
+    pool = None
     try:
         page.goto(srv.url + "/")
         # Long tasks (main thread busy > 50 ms) from the first render on, refreshes included.
@@ -269,6 +258,7 @@ def test_two_thousand_agents_render_and_the_page_stays_responsive(
         expect(page.locator(".totals")).to_have_text("0 / 2000 online")
         expect(page.locator("section.group")).to_have_count(20)
         expect(page.locator(".agent-row")).to_have_count(0)  # collapsed: no rows built yet
+        pool = Agents(srv, tmp_path / "agents", token_of(page))
         pool.start("rack07-pc7", register=False)
         expect(page.locator(".totals")).to_have_text("1 / 2000 online", timeout=2500)
         page.get_by_role("button", name="Expand all").click()
@@ -286,7 +276,8 @@ def test_two_thousand_agents_render_and_the_page_stays_responsive(
         raise
     finally:
         context.close()
-        pool.stop_all()
+        if pool:
+            pool.stop_all()
         srv.stop()
     assert not watch.errors
 
@@ -500,3 +491,20 @@ def test_pages_fit_a_phone_screen_without_sideways_scrolling(
     finally:
         context.close()
     assert not watch.errors
+
+
+# --- pure logic, run in the browser ----------------------------------------------------------
+
+def test_path_helpers_handle_posix_and_windows_paths(
+        web_server: RunningServer, web: tuple[Any, Any]) -> None:
+    page, _ = web
+    page.goto(web_server.url + "/")
+    result = page.evaluate("""async () => {
+        const { joinPath, parentOf } = await import('./files.js');
+        const cases = ['/', '/etc', '/etc/ssh/', 'C:\\\\', 'C:\\\\Users', 'C:\\\\Users\\\\me\\\\', ''];
+        return { parents: cases.map(parentOf),
+                 joined: [joinPath('/', 'a'), joinPath('/etc', 'a'), joinPath('C:\\\\', 'a'),
+                          joinPath('C:\\\\Users', 'a')] };
+    }""")
+    assert result["parents"] == [None, "/", "/etc", "", "C:\\", "C:\\Users", None]
+    assert result["joined"] == ["/a", "/etc/a", "C:\\a", "C:\\Users\\a"]

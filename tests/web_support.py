@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PYTHON, ROOT, RunningServer, http, start_server, wait_until
+from support import ADMIN, FAST_ARGS, PYTHON, ROOT, RunningServer, http, wait_until
 
 CHROMIUM = Path(os.environ.get("DUT_CHROMIUM", "/usr/bin/chromium"))
 DUTAGENT = ROOT / "cli" / "dutagent.py"
@@ -196,11 +196,33 @@ class Agents:
             self.stop(name)
 
 
+def add_accounts(db: Path, accounts: list[tuple[str, str, str]]) -> None:
+    """(name, kind, password) through the real `dutserver addaccount`, run in-process: a
+    subprocess each would spend most of its time starting Python."""
+    from click.testing import CliRunner
+
+    from dutserver.cli import main
+
+    runner = CliRunner()
+    for name, kind, password in accounts:
+        result = runner.invoke(main, ["addaccount", str(db), name, kind], input=password + "\n")
+        assert result.exit_code == 0, result.output
+
+
+def server_with(tmp_path: Path, *args: str,
+                agents: list[str] | tuple[str, ...] = ()) -> RunningServer:
+    """A server with fast timeouts, the admin ADMIN and the given agent accounts."""
+    db = tmp_path / "dut.db"
+    add_accounts(db, [(ADMIN[0], "admin", ADMIN[1])]
+                 + [(name, "agent", AGENT_SECRET) for name in agents])
+    return RunningServer(db=db, args=[*FAST_ARGS, *args]).start()
+
+
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One server for the module's tests, since starting one costs seconds; each test uses its
     own agent names (and so its own dashboard group), so tests cannot see each other's agents."""
-    srv = start_server(tmp_path_factory.mktemp("web-server"))
+    srv = server_with(tmp_path_factory.mktemp("web-server"))
     yield srv
     srv.stop()
 

@@ -108,7 +108,10 @@ function accountsSection(container) {
         error.clear();
         try {
           await api.setPassword(accountName, pw);
-          error.clear();
+          // The server ends the account's sessions, this one included when it is ours.
+          if (accountName === api.session.user) {
+            api.endSession("Your password was changed. Please log in with the new one.");
+          }
         } catch (err) {
           if (!(err instanceof api.SessionExpired)) error.show(`Cannot change the password of ${accountName}: ${err.message}`);
         }
@@ -125,6 +128,10 @@ function accountsSection(container) {
       await busy(remove, "Removing…", async () => {
         try {
           await api.removeAccount(accountName);
+          if (self) {
+            api.endSession(`The account ${accountName} was removed.`);
+            return;
+          }
           await load();
         } catch (err) {
           if (!(err instanceof api.SessionExpired)) error.show(`Cannot remove ${accountName}: ${err.message}`);

@@ -96,6 +96,12 @@ async function readBody(response) {
   return text;
 }
 
+/** Ends the session on purpose (own password changed, own account removed). */
+export function endSession(message) {
+  session.clear();
+  expiredHandler(message);
+}
+
 let expiring = false;
 function expire(tokenUsed = null) {
   // An old request answered after a new login must not end the new session.

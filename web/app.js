@@ -12,7 +12,7 @@ const main = document.getElementById("view");
 const topbar = document.getElementById("topbar");
 let destroyView = null;
 
-api.onSessionExpired(() => showLogin("Your session expired, please log in again"));
+api.onSessionExpired((message) => showLogin(message || "Your session expired, please log in again"));
 window.addEventListener("hashchange", route);
 start();
 
@@ -49,7 +49,6 @@ function route() {
     return;
   }
   const [page = "", ...rest] = parseHash();
-  const hadFocusInView = main.contains(document.activeElement);
   unmount();
   renderTopbar(page);
   main.replaceChildren();
@@ -63,8 +62,9 @@ function route() {
       h("h1", { text: "Page not found" }),
       h("p", {}, h("a", { href: "#/", text: "Back to the agents" }))));
   }
-  // Keyboard users land at the start of the new page, not at the end of the old one.
-  if (hadFocusInView || document.activeElement === document.body) main.focus();
+  // Keyboard users land at the start of the new page (or in the field the page focused),
+  // not at the end of the old one.
+  if (!main.contains(document.activeElement)) main.focus();
 }
 
 function mount(title, view, params = {}) {

@@ -158,6 +158,8 @@ export function broadcastView(container) {
   }
 
   function updateRow(row, entry) {
+    if (row.state.textContent === entry.state && row.result === entry.result) return;
+    row.result = entry.result;
     setText(row.state, entry.state);
     row.state.className = `badge state-${entry.state}`;
     const r = entry.result && typeof entry.result === "object" ? entry.result : null;

@@ -87,8 +87,19 @@ export function text(value) {
   }
 }
 
-/** The first line of a text, shortened, for one-line previews. */
+/** The first non-blank line of a text, shortened, for one-line previews. */
 export function firstLine(value, max = 80) {
-  const line = text(value).split(/\r?\n/).find((l) => l.trim() !== "") || "";
+  const s = text(value);
+  let start = 0;
+  let line = "";
+  // Walks line by line instead of splitting: outputs may be a megabyte long.
+  while (start <= s.length) {
+    let end = s.indexOf("\n", start);
+    if (end < 0) end = s.length;
+    line = s.slice(start, Math.min(end, start + max + 1)).replace(/\r$/, "");
+    if (line.trim() !== "") break;
+    line = "";
+    start = end + 1;
+  }
   return line.length > max ? `${line.slice(0, max - 1)}…` : line;
 }

@@ -11,9 +11,25 @@ const STATE_WORDS = {
   failed: "failed without a result",
 };
 
+/** Results never change once final, so each is classified once (outputs may be big). */
+const classified = new WeakMap();
+
 /** What identifies "the same result": exit code, output and errors, or the error message. */
 function classify(entry) {
   const r = entry.result;
+  if (r && typeof r === "object") {
+    let info = classified.get(r);
+    if (!info) {
+      info = classifyResult(r);
+      classified.set(r, info);
+    }
+    if (info) return info;
+  }
+  const state = text(entry.state);
+  return { key: JSON.stringify(["state", state]), kind: "state", state };
+}
+
+function classifyResult(r) {
   if (r && typeof r === "object" && !Array.isArray(r)) {
     if (r.error) {
       const msg = text(r.msg ?? "error");
@@ -34,8 +50,7 @@ function classify(entry) {
     const body = text(rest);
     return { key: JSON.stringify(["result", body]), kind: "result", body };
   }
-  const state = text(entry.state);
-  return { key: JSON.stringify(["state", state]), kind: "state", state };
+  return null; // an array or other odd value: grouped by the task's state
 }
 
 /**
