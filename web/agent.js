@@ -50,8 +50,14 @@ export function agentView(container, { name, tab }) {
     tabButtons.set(key, button);
     tablist.append(button);
   }
-  select(TABS.some(([k]) => k === tab) ? tab : "command", false);
-  tick();
+  const first = TABS.some(([k]) => k === tab) ? tab : "command";
+  // The first tab is built once the agent is known, so it can tell an offline agent apart.
+  loadAgent().then(() => {
+    if (destroyed) return;
+    if (!panels.size) select(first, false);
+    timer = setTimeout(tick, HEADER_REFRESH_MS);
+  });
+  for (const [key, button] of tabButtons) button.setAttribute("aria-selected", String(key === first));
 
   /** Arrow keys move between tabs, as in every tab widget. */
   function moveFocus(event, key) {
@@ -89,7 +95,7 @@ export function agentView(container, { name, tab }) {
 
   function build(key, panel) {
     if (key === "command") cleanups.push(commandPanel(panel, name, () => agent));
-    else if (key === "processes") cleanups.push(processesPanel(panel, name));
+    else if (key === "processes") cleanups.push(processesPanel(panel, name, () => agent));
     else if (key === "files") cleanups.push(filesPanel(panel, name, () => agent));
     else if (key === "inventory") {
       const view = inventoryPanel(panel, name, loadAgent);
@@ -113,6 +119,7 @@ export function agentView(container, { name, tab }) {
       agent = (await api.getAgent(name)).agent;
       if (destroyed) return;
       error.clear();
+      for (const el of [state, tablist, panelHost]) el.hidden = false;
       const online = Boolean(agent.online);
       setText(state, online ? "online" : "offline");
       state.className = `badge ${online ? "state-online" : "state-offline"}`;
@@ -125,8 +132,11 @@ export function agentView(container, { name, tab }) {
       for (const show of inventoryListeners) show(agent);
     } catch (err) {
       if (err instanceof api.SessionExpired || destroyed) return;
-      error.show(err.status === 404 ? `There is no agent called ${name}.`
-        : `Cannot load the agent: ${err.message}`);
+      if (err.status === 404) {
+        // Nothing to run anything on; the page recovers if the agent is created meanwhile.
+        for (const el of [state, tablist, panelHost]) el.hidden = true;
+        error.show(`There is no agent called ${name}.`);
+      } else error.show(`Cannot load the agent: ${err.message}`);
     }
   }
 

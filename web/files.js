@@ -7,6 +7,7 @@ import { busy, errorBox, h, setText, table } from "./dom.js";
 import { confirmDialog, promptDialog } from "./dialog.js";
 import { bytes, dateTime, plural, text } from "./format.js";
 import { fromBase64, sha256Hex, toBase64 } from "./bytes.js";
+import { offlineNote } from "./processes.js";
 import { compareNames } from "./selection.js";
 
 export const MAX_TRANSFER_BYTES = 700 * 1024;
@@ -48,7 +49,10 @@ export function filesPanel(panel, agentName, getAgent) {
     fileInput.value = "";
     if (file) busy(upload, "Uploading…", () => uploadFile(file));
   });
-  busy(refresh, "Loading…", () => list(dir));
+  if (getAgent()?.online === false) {
+    offlineNote(count, agentName, "this folder");
+    pathInput.value = dir;
+  } else busy(refresh, "Loading…", () => list(dir));
 
   /** Runs one file task; throws with the agent's message when it reports an error. */
   async function task(body) {

@@ -8,7 +8,7 @@ import { plural, text } from "./format.js";
 
 const TIMEOUT_S = 30;
 
-export function processesPanel(panel, agentName) {
+export function processesPanel(panel, agentName, getAgent = () => null) {
   const error = errorBox();
   const refresh = h("button", { type: "button", class: "primary", text: "Refresh" });
   const filter = h("input", { type: "search", placeholder: "Filter by name, user or command",
@@ -21,7 +21,9 @@ export function processesPanel(panel, agentName) {
 
   refresh.addEventListener("click", () => busy(refresh, "Loading…", load));
   filter.addEventListener("input", render);
-  busy(refresh, "Loading…", load);
+  // An offline agent would keep the list loading until the timeout; wait for a click instead.
+  if (getAgent()?.online === false) offlineNote(count, agentName, "its process list");
+  else busy(refresh, "Loading…", load);
 
   async function load() {
     error.clear();
@@ -75,4 +77,10 @@ export function processesPanel(panel, agentName) {
       h("td", { class: "cmdline", text: text(proc.cmdline) }),
       h("td", { class: "actions" }, kill)], { dataset: { pid } });
   }
+}
+
+/** Says why nothing loaded, in place of the count, until the user asks anyway. */
+export function offlineNote(el, agentName, what) {
+  el.textContent = `${agentName} is offline. Press Refresh to fetch ${what} anyway: `
+    + "the request waits until the agent polls again, or gives up.";
 }
