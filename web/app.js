@@ -7,6 +7,7 @@ import { adminView } from "./admin.js";
 import { broadcastView } from "./broadcast.js";
 import { dashboardView } from "./dashboard.js";
 import { busy, errorBox, h } from "./dom.js";
+import { selection } from "./selection.js";
 
 const main = document.getElementById("view");
 const topbar = document.getElementById("topbar");
@@ -85,6 +86,7 @@ function renderTopbar(page) {
   const logoutButton = h("button", { type: "button", class: "logout", text: "Log out" });
   logoutButton.addEventListener("click", () => busy(logoutButton, "Logging out…", async () => {
     await api.logout();
+    selection.clear(); // the next person at this browser starts with nothing picked
     showLogin("You are logged out.");
   }));
   topbar.replaceChildren(

@@ -108,7 +108,7 @@ export function resultCard(cmd, result) {
   } else {
     const exit = text(r.status_code);
     head.append(h("span", { class: `badge ${exit === "0" ? "state-done" : "state-failed"}`,
-      text: `exit ${exit}` }));
+      text: exit === "" ? "no exit code" : `exit ${exit}` }));
     head.append(h("span", { class: "muted", text: seconds(r.duration_s) }));
     body.push(h("h4", { text: "Output" }), pre(text(r.output) || "(none)"));
     if (text(r.stderr)) body.push(h("h4", { text: "Errors (stderr)" }), pre(text(r.stderr), "stderr"));

@@ -89,7 +89,7 @@ function describe(group) {
       const shown = group.stdout || group.stderr;
       const lines = shown.split(/\r?\n/).filter((l) => l !== "").length;
       const preview = firstLine(shown) + (lines > 1 ? `  (${lines} lines)` : "");
-      return { label: `${count}: exit ${group.exit}${same}`,
+      return { label: `${count}: ${group.exit === "" ? "no exit code" : `exit ${group.exit}`}${same}`,
         preview: shown ? preview : "no output" };
     }
     case "error":
