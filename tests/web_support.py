@@ -45,17 +45,48 @@ def skip_reason() -> str | None:
     return None
 
 
+# The browser and the shared server outlive one test module: test_web.py and test_web_agents.py
+# import these fixtures, which gives each module its own fixture definition, so the instances
+# live here and end with the test session.
+_session_objects: dict[str, Any] = {}
+
+
+def _once(request: pytest.FixtureRequest, key: str, make: Callable[[], Any],
+          close: Callable[[Any], None]) -> Any:
+    if key not in _session_objects:
+        value = make()
+        _session_objects[key] = value
+
+        def finish() -> None:
+            del _session_objects[key]
+            close(value)
+        request.session.addfinalizer(finish)
+    return _session_objects[key]
+
+
+def _launch() -> tuple[Any, Any]:
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    try:
+        return pw, pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    except BaseException:
+        pw.stop()
+        raise
+
+
+def _close(launched: tuple[Any, Any]) -> None:
+    pw, chromium = launched
+    chromium.close()
+    pw.stop()
+
+
 @pytest.fixture(scope="module")
-def web_browser() -> Iterator[Any]:
+def web_browser(request: pytest.FixtureRequest) -> Any:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    return _once(request, "browser", _launch, _close)[1]
 
 
 @dataclass
@@ -219,18 +250,21 @@ def server_with(tmp_path: Path, *args: str,
 
 
 @pytest.fixture(scope="module")
-def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """One server for the module's tests, since starting one costs seconds; each test uses its
+def web_server(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    """One server for the browser tests, since starting one costs seconds; each test uses its
     own agent names (and so its own dashboard group), so tests cannot see each other's agents."""
-    srv = server_with(tmp_path_factory.mktemp("web-server"))
-    yield srv
-    srv.stop()
+    server: RunningServer = _once(
+        request, "server", lambda: server_with(tmp_path_factory.mktemp("web-server")),
+        lambda srv: srv.stop())
+    return server
 
 
 @pytest.fixture(scope="module")
-def web_token(web_server: RunningServer) -> str:
-    """One admin session for the module (each login costs an argon2 hash)."""
-    return web_server.login()
+def web_token(request: pytest.FixtureRequest, web_server: RunningServer) -> str:
+    """One admin session for all of them (each login costs an argon2 hash)."""
+    token: str = _once(request, "token", web_server.login, lambda _: None)
+    return token
 
 
 @pytest.fixture
