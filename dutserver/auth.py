@@ -116,7 +116,7 @@ class Throttle:
     def failed(self, account: str, address: str) -> str | None:
         """Records a failure; returns what got banned by it, if anything."""
         now = time.monotonic()
-        window = self.s.ban_s
+        window = max(self.s.ban_s, 60.0)  # failures count for a minute, however short the ban
         count, first = self._pair.get((account, address), (0, now))
         count = count + 1 if now - first < window else 1
         self._pair[(account, address)] = (count, first if count > 1 else now)

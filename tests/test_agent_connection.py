@@ -83,6 +83,14 @@ def test_max_tasks_bounds_concurrency(shared: tuple[RunningServer, Admin], tmp_p
         assert agent.stop() == 0
 
 
+def _readable(path: Path) -> bool:
+    try:
+        path.read_bytes()
+        return True
+    except OSError:  # the process ended between the listing and the read
+        return False
+
+
 def retry_delays(log: str) -> list[float]:
     return [float(d) for d in re.findall(r"poll failed: .*; retrying in ([0-9.]+) s", log)]
 
@@ -97,6 +105,10 @@ def test_server_restart_agent_reconnects_with_backoff(tmp_path: Path) -> None:
         # is back, and then the server refuses it (409: tasks delivered before a crash are failed).
         inflight = admin.enqueue("phoenix", {"type": "execute_cmd", "cmd": "sleep 0.5; echo late"})
         wait_until(lambda: admin.task(inflight)["state"] == "delivered")
+        # "delivered" is committed just before the answer is written: wait until the agent
+        # really runs the command, or a kill in between would cut the answer itself.
+        wait_until(lambda: any(b"echo late" in p.read_bytes() for p in Path("/proc").glob("*/cmdline")
+                               if p.parent.name.isdigit() and _readable(p)))
         server.kill()
         agent.wait_for_log(r"task \d+: result not posted \(connection refused\); retrying")
         wait_until(lambda: len(retry_delays(agent.output())) >= 5, timeout_s=10)
