@@ -4,7 +4,7 @@ Authorization headers, query values, task/result/account bodies and names in pat
 client sends, the server answers below 500 (except the documented 503 full queue and 504
 submit timeout), every error is the JSON error shape, and the server still answers afterwards.
 
-FUZZ_EXAMPLES sets the number of examples per fuzz test (default 250: about 4,000 requests, ~25 s).
+FUZZ_EXAMPLES sets the number of examples per fuzz test (default 120: about 2,000 requests, ~25 s).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from urllib.parse import quote, quote_from_bytes
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from support import PollingAgent, RunningServer, basic, http, start_server, wait_until
 from test_error_shape import assert_error
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "250"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -161,7 +161,7 @@ account_bodies = st.fixed_dictionaries({}, optional={
 }).map(lambda d: json.dumps(d).encode())
 # NUL is left out of paths while it is a known server bug, tested on its own below
 # (test_nul_byte_in_a_path_is_404_not_500), so that the fuzzing keeps looking for others.
-names = st.one_of(st.text(st.characters(exclude_characters="\x00"), max_size=80),
+names = st.one_of(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=80),
                   st.binary(max_size=40).filter(lambda b: b"\x00" not in b),
                   st.text("abcXYZ019._-", min_size=1, max_size=70),
                   st.sampled_from(["..", ".", "%", "a/b", "a%2Fb", " ", "🙂" * 30]))
@@ -220,6 +220,8 @@ def test_blocking_submit_to_a_live_agent(fz: Fuzzed, timeout: str | bytes, body:
 @given(task_id=query_value, body=task_bodies, path=st.sampled_from(["/tasks_result",
                                                                     "/task_result"]))
 def test_result_id_and_body(fz: Fuzzed, task_id: str | bytes, body: bytes, path: str) -> None:
+    # Digits int() refuses (superscripts…) are a known server bug, tested on their own below.
+    assume(not any(c.isdigit() and not c.isdecimal() for c in str(task_id)))
     check(send(fz.srv, "POST", f"{path}?id={q(task_id)}", body, basic(AGENT, AGENT_SECRET)))
 
 
@@ -279,7 +281,8 @@ def test_names_in_paths(fz: Fuzzed, name: str | bytes, body: bytes) -> None:
 
 
 @FUZZ
-@given(path=st.one_of(st.text(st.characters(exclude_characters="\x00"), max_size=60)
+@given(path=st.one_of(st.text(st.characters(codec="utf-8", exclude_characters="\x00"),
+                              max_size=60)
                       .map(lambda t: "/" + quote(t, safe="/")),
                       st.binary(max_size=40).filter(lambda b: b"\x00" not in b)
                       .map(lambda b: "/" + quote_from_bytes(b, safe="/")),
@@ -327,6 +330,15 @@ def test_nul_byte_in_a_path_is_404_not_500(fz: Fuzzed, method: str, path: str) -
     assert status == 404
 
 
+@pytest.mark.xfail(strict=True, reason="server bug: a result id of digits int() refuses ('²') "
+                   "passes str.isdigit() and is a 500; see .work/requests-hardening.md")
+@pytest.mark.parametrize("task_id", ["%C2%B2", "1%C2%B2", "%E2%91%A0"])
+def test_result_id_with_non_decimal_digits_is_400_not_500(fz: Fuzzed, task_id: str) -> None:
+    status = check(send(fz.srv, "POST", f"/tasks_result?id={task_id}", b"{}",
+                        basic(AGENT, AGENT_SECRET)))
+    assert status == 400
+
+
 def test_server_survived_the_fuzzing(fz: Fuzzed) -> None:
     """Runs last in the module: the server still answers, quickly, and still works."""
     assert fz.srv.proc is not None and fz.srv.proc.poll() is None, fz.srv.output()[-2000:]
@@ -338,4 +350,5 @@ def test_server_survived_the_fuzzing(fz: Fuzzed) -> None:
     log = fz.srv.output()
     # No unhandled exception in the server log, except those of the known NUL bug (xfail above).
     for crash in log.split("Exception in ASGI application")[1:]:
-        assert "ValueError: embedded null byte" in crash.split(" ERROR ")[0], crash[:3000]
+        known = ("ValueError: embedded null byte", "ValueError: invalid literal for int()")
+        assert any(k in crash.split(" ERROR ")[0] for k in known), crash[:3000]
