@@ -121,12 +121,14 @@ async def _restart_herd(srv: Handle, fleet: AgentFleet, sizes: IdleSizes,
     stop_s = time.monotonic() - t0
     ready_s = await proc.start()
     spawned = proc.started_at
-    herd_s = await wait_parked(srv, fleet, spawned, sizes.herd_timeout_s) - spawned
+    all_parked = await wait_parked(srv, fleet, spawned, sizes.herd_timeout_s)
+    herd_s = all_parked - spawned
     rss_kb = proc.rss_kb()
     return {
         "stop_s": round(stop_s, 3),
         "restart_ready_s": round(ready_s, 3),
         "herd_s": round(herd_s, 3),
+        "restart_total_s": round(all_parked - t0, 3),  # from the stop signal, stop included
         "herd_agents_per_s": round(sizes.agents / herd_s, 1),
         "herd_ratio": ratio(sizes.agents / herd_s, calibrate_per_s),
         "rss_after_herd_mb": round(rss_kb / 1024, 1),
