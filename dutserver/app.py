@@ -99,6 +99,7 @@ def _refresh(auth: Auth, tasks: Tasks) -> Callable[[], Awaitable[None]]:
 
 def _sweep(auth: Auth, tasks: Tasks) -> Callable[[], Awaitable[None]]:
     async def step() -> None:
+        await tasks.db.checkpoint()
         tasks.sweep()
         auth.flush_sessions()
         auth.throttle.prune()

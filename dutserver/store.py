@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dutserver.writer import GroupCommitWriter, Op
+from dutserver.writer import GroupCommitWriter, InlineGroupCommitWriter, Op, checkpoint
 
 T = TypeVar("T")
 
@@ -180,7 +180,12 @@ class Store:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
         self._synchronous = synchronous
-        self.writer = GroupCommitWriter(lambda: connect(path, synchronous))
+        # Without fsync a commit is cheaper than a thread hand-off, so it runs on the loop;
+        # with FULL every commit waits for the disk, so it gets a thread of its own.
+        writer_class = (GroupCommitWriter if synchronous.upper() in ("FULL", "EXTRA")
+                        else InlineGroupCommitWriter)
+        self.writer: GroupCommitWriter | InlineGroupCommitWriter = writer_class(
+            lambda: connect(path, synchronous))
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-reader")
         self._reader: sqlite3.Connection | None = None
 
@@ -190,7 +195,10 @@ class Store:
         self.writer.start()
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+        if isinstance(self.writer, InlineGroupCommitWriter):
+            self.writer.stop()
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
         if self._reader is not None:
             self._reader_pool.submit(self._reader.close).result()
         self._reader_pool.shutdown()
@@ -208,6 +216,10 @@ class Store:
 
     async def barrier(self) -> None:
         await self.writer.barrier()
+
+    async def checkpoint(self) -> None:
+        if isinstance(self.writer, InlineGroupCommitWriter):
+            await self.read(checkpoint)
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
         """Records an audit event; nobody waits for it, but it lands in the next batch."""
