@@ -180,6 +180,11 @@ class Auth:
         self._drop_invalid_sessions(store.now_ms())
         return True
 
+    def added(self, name: str, kind: str, secret_hash: str) -> None:
+        """An account this process created: usable at once, without re-reading them all (the
+        revision it bumped still makes the next refresh re-read, which is then a no-op)."""
+        self.accounts[name] = Account(name, kind, secret_hash)
+
     async def knows(self, names: list[str]) -> None:
         """Makes sure an account the CLI added a moment ago is seen before we call it unknown."""
         if any(n not in self.accounts for n in names):

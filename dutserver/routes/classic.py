@@ -91,7 +91,7 @@ async def create_account(req: Request, name: Any, kind: str, secret: Any, actor:
     except store.AccountExists:
         raise ApiError(409, "Agent already exists" if kind == "agent"
                        else "Account already exists") from None
-    await auth.refresh()
+    auth.added(name, kind, digest)
     req.state["store"].audit(actor, "account_create", f"{kind} {name}", req.address)
 
 

@@ -32,8 +32,8 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
 ]
+NO_STORE = (b"cache-control", b"no-store")  # API answers; the web files revalidate by ETag
 
 
 class Reply:
@@ -225,7 +225,7 @@ class Endpoint:
 
 
 async def send_reply(send: Send, reply: Reply, head: bool = False) -> None:
-    headers = [(b"content-length", str(len(reply.body)).encode()), *SECURITY_HEADERS]
+    headers = [(b"content-length", str(len(reply.body)).encode()), NO_STORE, *SECURITY_HEADERS]
     if reply.content_type:
         headers.append((b"content-type", reply.content_type))
     if reply.headers:

@@ -12,7 +12,7 @@ from starlette.staticfiles import StaticFiles
 from dutserver import __version__
 from dutserver.assets import client_program, web_dir
 from dutserver.errors import ApiError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from dutserver.routes.common import Endpoint, Reply, Request, ok, send_reply
 
@@ -68,7 +68,14 @@ class WebFiles:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] in ("GET", "HEAD"):
-            await self.files(scope, receive, send)
+            async def revalidate(message: Message) -> None:
+                # no-cache: the browser keeps the files but asks (ETag) whether they changed,
+                # so an upgraded server never runs with yesterday's scripts.
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()),
+                                          (b"cache-control", b"no-cache")]
+                await send(message)
+            await self.files(scope, receive, revalidate)
             return
         relative = scope["path"][len(scope.get("root_path", "")):].lstrip("/") or "index.html"
         target = (self.root / relative).resolve()
