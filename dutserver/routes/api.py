@@ -189,12 +189,18 @@ async def remove_account(req: Request) -> Reply:
     """Remove an account; its sessions end and its queued tasks are cancelled."""
     user = require_admin(req)
     name = req.path_params["name"]
+    auth: Auth = req.state["auth"]
+    if name == user:
+        raise ApiError(409, "You cannot remove your own account")
+    acc = auth.accounts.get(name)
+    if acc is not None and acc.kind == "admin" and \
+            sum(a.kind == "admin" for a in auth.accounts.values()) <= 1:
+        raise ApiError(409, "Cannot remove the last admin account")
 
     def op(conn: Any) -> bool:
         return store.account_remove(conn, name)
     if not await req.state["store"].write(op):
         raise ApiError(404, f"Unknown account: {name}")
-    auth: Auth = req.state["auth"]
     auth.revoke_account(name)
     await auth.refresh()
     req.state["tasks"].cancel_for_removed_agents()

@@ -171,7 +171,7 @@ async def post_result(req: Request) -> Reply:
     """The agent posts the result of task `id`."""
     agent = await require_agent(req)
     raw_id = req.query.get("id", "")
-    if not raw_id.isdigit() or len(raw_id) > 18:
+    if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
         raise ApiError(400, "Missing or invalid id parameter")
     result = await req.json()
     dispatcher = req.state["dispatcher"]

@@ -107,7 +107,8 @@ class Request:
         """The whole body, refused with 413 past the configured limit (checked as it arrives)."""
         limit = self.state["settings"].body_max_bytes
         declared = self.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() \
+                and int(declared) > limit:
             raise ApiError(413, f"Request body too large (limit {limit} bytes)")
         chunks, size = [], 0
         while True:

@@ -78,8 +78,11 @@ class WebFiles:
             await self.files(scope, receive, revalidate)
             return
         relative = scope["path"][len(scope.get("root_path", "")):].lstrip("/") or "index.html"
-        target = (self.root / relative).resolve()
-        exists = target.is_file() and target.is_relative_to(self.root.resolve())
+        try:
+            target = (self.root / relative).resolve()
+            exists = target.is_file() and target.is_relative_to(self.root.resolve())
+        except (ValueError, OSError):  # a NUL byte, a name too long: no such file
+            exists = False
         error = (ApiError(405, f"Method {scope['method']} not allowed; use GET", {"Allow": "GET"})
                  if exists else ApiError(404, "Not found"))
         await send_reply(send, Reply(error.status, error.body(), b"application/json",
