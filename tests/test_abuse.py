@@ -183,3 +183,40 @@ def test_security_headers_on_every_kind_of_answer(srv: RunningServer, method: st
         assert part in (headers.get(name) or ""), (path, name, dict(headers))
 
 
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_10000_idle_connections_cost_bounded_memory_and_others_are_served(
+        srv: RunningServer, token: str) -> None:
+    assert srv.proc is not None
+    before = rss_kib(srv.proc.pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(10_000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", srv.port))
+            socks.append(sock)
+        # A few of them send half a request and stop there.
+        for sock in socks[:1000]:
+            try:
+                sock.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            except OSError:
+                pass
+        for _ in range(10):
+            assert healthy_quickly(srv) < 1
+            status, _, body = http("GET", f"{srv.url}/api/v1/session",
+                                   headers={"Authorization": token}, timeout=5)
+            assert status == 200, body
+        grown_mib = (rss_kib(srv.proc.pid) - before) / 1024
+        # Measured here: a few tens of MiB for 10,000 connections (a few kB each).
+        assert grown_mib < 200, grown_mib
+        print(f"10,000 idle connections: server RSS grew {grown_mib:.0f} MiB")
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: healthy_quickly(srv) < 0.5)
