@@ -223,7 +223,15 @@ class Store:
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
         """Records an audit event; nobody waits for it, but it lands in the next batch."""
-        self.writer.write_nowait(audit_insert(now_ms(), actor, action, detail, address))
+        self.writer.write_nowait(audit_insert(now_ms(), _storable(actor), action,
+                                              _storable(detail) or "", address))
+
+
+def _storable(text: str | None) -> str | None:
+    """Text as SQLite can take it: a lone surrogate from a hostile login name becomes U+FFFD."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def now_ms() -> int:

@@ -67,6 +67,8 @@ class Tasks:
             raise ApiError(400, "Task type missing")
         if len(kind) > 64:
             raise ApiError(400, "Task type too long (at most 64 characters)")
+        if not kind.isprintable() or not _encodable(kind):
+            raise ApiError(400, "Task type must be printable text")
         pending: dict[str, int] = {}
         for name in targets:
             acc = self.auth.accounts.get(name) if isinstance(name, str) else None
@@ -274,6 +276,15 @@ class Tasks:
             task.waiter.set_result(_TIMED_OUT)
         return self.db.write(store.task_closed(task.id, state.value, task.finished_ms,
                                                json.dumps(result)))
+
+
+def _encodable(text: str) -> bool:
+    """False for lone surrogates, which JSON allows but UTF-8 (and so SQLite) does not."""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _settle(fut: asyncio.Future[Any], value: Any) -> None:
