@@ -209,8 +209,12 @@ class Auth:
             raise ApiError(403, "Authorization failure")
         self.throttle.check(name, address)
         digest = AGENT_PREFIX + hmac.new(self.key, secret.encode(), hashlib.sha256).hexdigest()
-        if self._agent_matches(name, digest) or (await self.refresh() and
-                                                 self._agent_matches(name, digest)):
+        if self._agent_matches(name, digest):
+            return name
+        # Maybe the CLI added or changed it a moment ago: look again after a refresh (which may
+        # have been done meanwhile by a concurrent request, so check whatever it returned).
+        await self.refresh()
+        if self._agent_matches(name, digest):
             return name
         self._failure(name, address, "agent_auth_failed")
         raise ApiError(403, "Authorization failure")
