@@ -191,7 +191,7 @@ class Agent:
                 c.polls += 1
                 if r.status != 200:
                     raise _BadStatus(r)
-                task = r.json()
+                task = json.loads(r.body.decode())  # str: json skips its encoding sniffing
                 if not task:  # the long-poll timed out: poll again at once
                     c.empty_polls += 1
                     if time.monotonic() - sent < self.retry.fast_empty_s:
@@ -220,7 +220,7 @@ class Agent:
         while not stop.is_set():
             try:
                 r = await self.conn.request("POST", f"{self.result_path}?id={task_id}", body,
-                                            timeout_s=self.poll_timeout_s)
+                                            timeout_s=self.poll_timeout_s, reuse_head=False)
             except TRANSIENT as e:
                 c.errors["result " + error_kind(e)] += 1
                 await _sleep_unless(stop, self.retry.delay_s(failures))

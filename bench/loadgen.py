@@ -96,7 +96,7 @@ class _ResponseParser:
         "_chunked",
         "_close",
         "_head",
-        "_head_only",
+        "head_only",
         "_length",
         "_status",
         "buf",
@@ -112,16 +112,32 @@ class _ResponseParser:
         self._body_start = 0
         self._length = 0
         self._chunked = False
-        self._head_only = False
-
-    def expect_head_only(self, head_only: bool) -> None:
-        """The next response answers a HEAD request, so it has no body whatever its headers say."""
-        self._head_only = head_only
+        self.head_only = False
 
     def feed(self, data: bytes) -> None:
+        if not self.buf and not self._head and self._feed_whole(data):
+            return
         self.buf += data
         while self._step():
             pass
+
+    def _feed_whole(self, data: bytes) -> bool:
+        """Fast path for the usual case, one whole Content-Length response in one read: no
+        buffer copies. False (state untouched) for anything else, which takes the general path."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        self._parse_head(data[:end])
+        stop = end + 4 + self._length
+        if self._chunked or self._length == _UNTIL_CLOSE or len(data) != stop:
+            self._head = b""  # the general path parses this head again
+            return False
+        status, head, close = self._status, self._head, self._close
+        self._head = b""
+        self.head_only = False
+        if not 100 <= status < 200:
+            self.done.append(Response(status, head, data[end + 4:], close))
+        return True
 
     def eof(self) -> None:
         """The connection ended: completes a body that runs until close, else fails a partial one."""
@@ -159,16 +175,17 @@ class _ResponseParser:
         lower = head.lower()
         self._status = status
         self._head = head
-        connection = _header_value(lower, b"connection:")
+        connection = _header_value(lower, b"connection:") if b"\nconnection:" in lower else None
         self._close = connection is not None and b"close" in connection
         self._chunked = False
-        if self._head_only or status in (204, 304) or 100 <= status < 200:
+        if self.head_only or status in (204, 304) or 100 <= status < 200:
             self._length = 0
             return
-        encoding = _header_value(lower, b"transfer-encoding:")
-        if encoding is not None and b"chunked" in encoding:
-            self._chunked = True
-            return
+        if b"\ntransfer-encoding:" in lower:
+            encoding = _header_value(lower, b"transfer-encoding:")
+            if encoding is not None and b"chunked" in encoding:
+                self._chunked = True
+                return
         length = _header_value(lower, b"content-length:")
         if length is None:
             self._length = _UNTIL_CLOSE
@@ -214,7 +231,7 @@ class _ResponseParser:
         status, head, close = self._status, self._head, self._close
         del self.buf[:consumed]
         self._head = b""
-        self._head_only = False
+        self.head_only = False
         if 100 <= status < 200:
             return  # an interim answer (100 Continue); the real one follows
         self.done.append(Response(status, head, body, close))
@@ -234,12 +251,15 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        parser = self.parser
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except ProtocolError as e:
             self._fail(e)
             return
-        self._deliver()
+        waiter = self.waiter
+        if parser.done and waiter is not None and not waiter.done():
+            waiter.set_result(parser.done.pop(0))
 
     def eof_received(self) -> bool | None:
         try:
@@ -279,6 +299,7 @@ class Connection:
             f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._proto: _ClientProtocol | None = None
         self._heads: dict[tuple[str, str], bytes] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.connects = 0  # how many times this connection had to (re)connect
 
     @property
@@ -297,33 +318,36 @@ class Connection:
             loop.create_connection(_ClientProtocol, self.target.host, self.target.port, ssl=ctx),
             self.connect_timeout_s)
         self._proto = proto
+        self._loop = loop
         self.connects += 1
 
     async def request(self, method: str, path: str, body: bytes | None = None,
                       headers: dict[str, str] | None = None,
-                      timeout_s: float | None = None) -> Response:
-        """Sends one request and returns its response; raises OSError, ProtocolError or TimeoutError."""
+                      timeout_s: float | None = None, reuse_head: bool = True) -> Response:
+        """Sends one request and returns its response; raises OSError, ProtocolError or TimeoutError.
+
+        The request head of (method, path) is formatted once and kept, as load loops repeat the
+        same few requests; `reuse_head=False` for a path used once (a task id in it)."""
         if self._proto is None or self._proto.closed:
             await self.connect()
         proto = self._proto
         assert proto is not None and proto.transport is not None
+        head = self._heads.get((method, path)) or self._head(method, path, reuse_head)
         if headers:
-            head = self._head(method, path) + "".join(
-                f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
-        else:
-            # Load loops repeat the same few requests: their heads are formatted once.
-            head = self._heads.get((method, path)) or self._head(method, path)
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
         if body is not None:
             data = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
         elif method in ("POST", "PUT", "PATCH"):
             data = head + b"Content-Length: 0\r\n\r\n"
         else:
             data = head + b"\r\n"
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         waiter: asyncio.Future[Response] = loop.create_future()
         parser = proto.parser
-        parser.done.clear()  # without pipelining, an answer already here is unsolicited
-        parser.expect_head_only(method == "HEAD")
+        if parser.done:
+            parser.done.clear()  # without pipelining, an answer already here is unsolicited
+        parser.head_only = method == "HEAD"
         proto.waiter = waiter
         proto.transport.write(data)
         timer = loop.call_later(timeout_s, _time_out, waiter) if timeout_s is not None else None
@@ -341,10 +365,10 @@ class Connection:
             self.close()
         return response
 
-    def _head(self, method: str, path: str) -> bytes:
+    def _head(self, method: str, path: str, keep: bool) -> bytes:
         head = f"{method} {self.target.base_path}{path} HTTP/1.1\r\n{self._fixed_head}".encode(
             "latin-1")
-        if len(self._heads) < 100_000:
+        if keep and len(self._heads) < 1000:
             self._heads[(method, path)] = head
         return head
 

@@ -84,7 +84,7 @@ def _ping_submitter(names: list[str]) -> Any:
                                          timeout_s=30)
         if r.status != 200:
             return f"http {r.status}"
-        result = r.json()
+        result = json.loads(r.body.decode())  # str: json skips its encoding sniffing
         if result.get("pong") is not True or result.get("error") is not False:
             return "wrong result"
         return None
