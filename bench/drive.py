@@ -22,9 +22,14 @@ class Stats:
 
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    window_start: float = 0.0
+    # Successes per second of the window (by send time): shows stalls that an average hides.
+    per_second: Counter[int] = field(default_factory=Counter)
 
-    def ok(self, latency_s: float) -> None:
+    def ok(self, latency_s: float, sent_at: float | None = None) -> None:
         self.latencies_s.append(latency_s)
+        if sent_at is not None:
+            self.per_second[int(sent_at - self.window_start)] += 1
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -50,6 +55,7 @@ class Stats:
             "max_ms": self.percentile_ms(100),
             "errors": sum(self.errors.values()),
             "error_kinds": dict(self.errors),
+            "per_second": [self.per_second[i] for i in range(int(elapsed_s))],
         }
 
 
@@ -83,7 +89,7 @@ async def _timed(conn: Connection, call: Call) -> str | None:
 
 async def closed_loop(conns: Sequence[Connection], call: Call, window: Window) -> Stats:
     """Each connection sends its next request as soon as the previous one is answered."""
-    stats = Stats()
+    stats = Stats(window_start=window.start)
 
     async def worker(conn: Connection) -> None:
         while True:
@@ -93,7 +99,7 @@ async def closed_loop(conns: Sequence[Connection], call: Call, window: Window) -
             err = await _timed(conn, call)
             if window.counts(sent):
                 if err is None:
-                    stats.ok(time.monotonic() - sent)
+                    stats.ok(time.monotonic() - sent, sent)
                 else:
                     stats.error(err)
             if err is not None:
@@ -115,7 +121,7 @@ async def open_loop(conns: Sequence[Connection], call: Call, rate_per_s: float, 
     while t < window.end:
         t += rng.expovariate(rate_per_s)
         schedule.append(t)
-    stats = Stats()
+    stats = Stats(window_start=window.start)
 
     async def worker(conn: Connection) -> None:
         while schedule:
@@ -126,7 +132,7 @@ async def open_loop(conns: Sequence[Connection], call: Call, rate_per_s: float, 
             err = await _timed(conn, call)
             if window.counts(due):
                 if err is None:
-                    stats.ok(time.monotonic() - due)
+                    stats.ok(time.monotonic() - due, due)
                 else:
                     stats.error(err)
 

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every dutserver started (repeatable), "
                         "e.g. --server-arg=--poll-timeout-s --server-arg=26")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the scenarios N times (figures vary by some 10-20 %% between runs)")
     p.add_argument("--keep-workdir", action="store_true", help="keep databases and server logs")
     p.add_argument("--profile-dir", type=Path, metavar="DIR",
                    help="profile the server during the roundtrip run with py-spy into DIR")
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.url and not args.admin:
         p.error("--url needs --admin USER:PASS")
     if args.profile_dir and not args.py_spy:
@@ -119,21 +123,24 @@ async def main(args: argparse.Namespace) -> int:
         "durable": lambda: durable(env, dur),
     }
     failed = 0
-    for name in SCENARIOS:
-        if name not in wanted or (name == "calibrate" and args.calibrate_per_s):
-            continue
-        log(f"{name}: start")
-        t0 = time.monotonic()
-        try:
-            result = await runs[name]()
-        except Exception as e:  # noqa: BLE001 - one broken scenario must not hide the others
-            traceback.print_exc(file=sys.stderr)
-            result = {"scenario": name, "failed": f"{type(e).__name__}: {e}"}
-            failed += 1
-        result["wall_s"] = round(time.monotonic() - t0, 1)
-        if name == "calibrate" and result.get("requests_per_s"):
-            env.calibrate_per_s = result["requests_per_s"]
-        print(json.dumps(result), flush=True)
+    for rep in range(args.repeat):
+        for name in SCENARIOS:
+            if name not in wanted or (name == "calibrate" and args.calibrate_per_s):
+                continue
+            log(f"{name}: start")
+            t0 = time.monotonic()
+            try:
+                result = await runs[name]()
+            except Exception as e:  # noqa: BLE001 - one broken scenario must not hide the others
+                traceback.print_exc(file=sys.stderr)
+                result = {"scenario": name, "failed": f"{type(e).__name__}: {e}"}
+                failed += 1
+            result["wall_s"] = round(time.monotonic() - t0, 1)
+            if args.repeat > 1:
+                result["repeat"] = rep
+            if name == "calibrate" and result.get("requests_per_s"):
+                env.calibrate_per_s = result["requests_per_s"]
+            print(json.dumps(result), flush=True)
     return 1 if failed else 0
 
 

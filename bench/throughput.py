@@ -143,6 +143,7 @@ async def roundtrip(env: Env, sizes: ThroughputSizes) -> dict[str, Any]:
         "scenario": "roundtrip",
         "round_trips_per_s": full["per_s"], "ratio": r,
         "p50_ms": full["p50_ms"], "p99_ms": full["p99_ms"], "max_ms": full["max_ms"],
+        "per_second": full["per_second"],
         "errors": full["errors"], "error_kinds": full["error_kinds"], **full_cpu,
         **generator_cost(full_cpu, full["per_s"]),
         "half_load": half,
