@@ -1,7 +1,7 @@
 """`make bench`: runs the scenarios and prints one JSON line per scenario on stdout.
 
     python -m bench.run                      # default sizes, whole run well under 5 minutes
-    python -m bench.run --full               # issue sizes: 10,000 idle agents, 1,000-target fan-out
+    python -m bench.run --full               # issue sizes: 10,000 idle agents, 15 s load runs
     python -m bench.run --url http://host:port --admin user:pass   # any dutserver-compatible server
 
 Servers run under `taskset -c 0`, this generator on core 1. Progress goes to stderr.
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help="comma-separated subset of: " + ", ".join(SCENARIOS))
     p.add_argument("--full", action="store_true",
-                   help="the issue's sizes: 10,000 idle agents, 1,000 fan-out targets, 15 s runs")
+                   help="the issue's sizes: 10,000 idle agents, 15 s load runs (fan-out: 1,000 always)")
     p.add_argument("--url", help="measure this running server instead of starting dutservers")
     p.add_argument("--admin", default=None, metavar="USER:PASS",
                    help="admin credentials on --url (our own servers get a bench admin)")
