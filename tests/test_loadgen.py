@@ -48,8 +48,8 @@ class Toy:
                     return
                 lines = head.decode().split("\r\n")
                 method, path, _ = lines[0].split(" ")
-                length = next((int(l.split(":")[1]) for l in lines
-                               if l.lower().startswith("content-length:")), 0)
+                length = next((int(line.split(":")[1]) for line in lines
+                               if line.lower().startswith("content-length:")), 0)
                 body = await reader.readexactly(length)
                 self.requests += 1
                 self.bodies.append(body)
