@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from support import PYTHON, ROOT, RunningServer, http, wait_until
+from support import PYTHON, ROOT, RunningServer, http, stop_process, wait_until
 
 AGENT_PY = ROOT / "cli" / "dutagent.py"
 AGENT_SECRET = "agent-secret-0123456789"
@@ -85,16 +85,11 @@ class AgentProcess:
             ) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        # The output is read only on failure, when the process has been killed.
         try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(
-                f"agent did not stop in {timeout_s} s:\n{self.output()}"
-            ) from None
+            return stop_process(self.proc, sig, timeout_s, f"agent did not stop in {timeout_s} s")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.output()}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -73,6 +73,18 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return e.code, e.headers, e.read()
 
 
+def stop_process(proc: subprocess.Popen[Any], sig: int, timeout_s: float, failure: str) -> int:
+    """Signals proc and waits for its exit status; kills it and fails the test if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(failure) from None
+
+
 @dataclass
 class RunningServer:
     """A real `dutserver server PORT DBFILE` subprocess."""
@@ -128,14 +140,7 @@ class RunningServer:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("server did not stop in time")
+        return stop_process(self.proc, sig, timeout_s, "server did not stop in time")
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
