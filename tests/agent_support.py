@@ -148,8 +148,15 @@ class Admin:
     def headers(self) -> dict[str, str]:
         return {"Authorization": self.token}
 
+    def _http(self, method: str, url: str, body: Any = None,
+              headers: dict[str, str] | None = None, timeout: float = 10.0
+              ) -> tuple[int, Any, bytes]:
+        """support.http, verifying an https server as the server's helpers do."""
+        return http(method, url, body, headers, timeout=timeout,
+                    context=self.server.client_context)
+
     def add_agent(self, name: str, secret: str = AGENT_SECRET) -> None:
-        status, _, body = http(
+        status, _, body = self._http(
             "POST",
             f"{self.server.url}/api/v1/accounts",
             {"name": name, "type": "agent", "password": secret},
@@ -159,7 +166,7 @@ class Admin:
 
     def run(self, target: str, task: dict[str, Any], timeout_s: float = 10) -> dict[str, Any]:
         """Blocking submit (PROTOCOL part 1): the agent's result as the server returns it."""
-        status, _, body = http(
+        status, _, body = self._http(
             "POST",
             f"{self.server.url}/tasks?target={target}&timeout={timeout_s}",
             task,
@@ -173,7 +180,7 @@ class Admin:
 
     def enqueue(self, target: str, task: dict[str, Any]) -> int:
         """Non-blocking submit (PROTOCOL part 2): the new task's id."""
-        status, _, body = http(
+        status, _, body = self._http(
             "POST",
             f"{self.server.url}/api/v1/tasks",
             {"targets": [target], "task": task},
@@ -184,7 +191,7 @@ class Admin:
 
     def task(self, task_id: int, wait_s: float = 0) -> dict[str, Any]:
         query = f"?wait_s={wait_s}" if wait_s else ""
-        status, _, body = http(
+        status, _, body = self._http(
             "GET",
             f"{self.server.url}/api/v1/tasks/{task_id}{query}",
             headers=self.headers,
@@ -199,14 +206,14 @@ class Admin:
         return task
 
     def agent(self, name: str) -> dict[str, Any]:
-        status, _, body = http(
+        status, _, body = self._http(
             "GET", f"{self.server.url}/api/v1/agents/{name}", headers=self.headers
         )
         assert status == 200, body
         return dict(json.loads(body)["agent"])
 
     def set_selfreg(self, enabled: bool) -> None:
-        status, _, body = http(
+        status, _, body = self._http(
             "POST", f"{self.server.url}/agent_selfreg?enabled={int(enabled)}", b"", self.headers
         )
         assert status == 200, body

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,17 +58,17 @@ def cli(*args: str, stdin: str = "", check: bool = True) -> subprocess.Completed
 
 
 def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-         timeout: float = 10.0) -> tuple[int, Any, bytes]:
+         timeout: float = 10.0, context: ssl.SSLContext | None = None) -> tuple[int, Any, bytes]:
     """A bare HTTP call with the standard library: (status, headers, body).
 
     headers is the case-insensitive email.message.Message of http.client. Never raises on
-    4xx/5xx."""
+    4xx/5xx. context verifies an https server (default: the system's trust store)."""
     data = None
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers, e.read()
@@ -85,9 +86,43 @@ def stop_process(proc: subprocess.Popen[Any], sig: int, timeout_s: float, failur
         raise AssertionError(failure) from None
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A throwaway CA (trustme) and a server certificate it signed, as PEM files."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def make(cls, directory: Path, *names: str) -> Tls:
+        """A new CA and a certificate for names (default 127.0.0.1 and localhost) in directory."""
+        import trustme
+
+        ca = trustme.CA()
+        issued = ca.issue_cert(*(names or ("127.0.0.1", "localhost")))
+        directory.mkdir(parents=True, exist_ok=True)
+        tls = cls(directory / "cert.pem", directory / "key.pem", directory / "ca.pem")
+        issued.cert_chain_pems[0].write_to_path(str(tls.cert))
+        issued.private_key_pem.write_to_path(str(tls.key))
+        ca.cert_pem.write_to_path(str(tls.ca))
+        return tls
+
+    @property
+    def server_args(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that trusts only this CA."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
 @dataclass
 class RunningServer:
-    """A real `dutserver server PORT DBFILE` subprocess."""
+    """A real `dutserver server PORT DBFILE` subprocess.
+
+    For an https server, ssl_context is what the helpers (readiness, login, the agent tests'
+    Admin) verify it with; without one they accept any certificate."""
 
     db: Path
     args: list[str] = field(default_factory=list)
@@ -95,12 +130,19 @@ class RunningServer:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     scheme: str = "http"
+    ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def client_context(self) -> ssl.SSLContext | None:
+        if self.scheme != "https" or self.ssl_context is not None:
+            return self.ssl_context
+        return ssl._create_unverified_context()
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, port: int | None = None) -> "RunningServer":
+    def start(self, port: int | None = None) -> RunningServer:
         self.port = port or self.port or free_port()
         self.log = self.db.with_suffix(".log")
         logf = open(self.log, "ab")
@@ -118,11 +160,8 @@ class RunningServer:
         if self.proc.poll() is not None:
             raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.output()}")
         try:
-            ctx = None
-            if self.scheme == "https":
-                import ssl
-                ctx = ssl._create_unverified_context()
-            with urllib.request.urlopen(self.url + "/readyz", timeout=1, context=ctx) as r:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=1,
+                                        context=self.client_context) as r:
                 return r.status == 200
         except (OSError, urllib.error.URLError):
             return False
@@ -134,7 +173,8 @@ class RunningServer:
         cli("addaccount", str(self.db), name, kind, stdin=password + "\n")
 
     def login(self, user: str = ADMIN[0], password: str = ADMIN[1]) -> str:
-        status, _, body = http("GET", f"{self.url}/login?user={user}&pass={password}")
+        status, _, body = http("GET", f"{self.url}/login?user={user}&pass={password}",
+                               context=self.client_context)
         assert status == 200, body
         return str(json.loads(body)["token"])
 
@@ -145,18 +185,23 @@ class RunningServer:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def restart(self) -> "RunningServer":
+    def restart(self) -> RunningServer:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
         return self.start()
 
 
-def start_server(tmp_path: Path, *args: str, admin: bool = True) -> RunningServer:
-    """Starts a server on a fresh database with an admin account ADMIN and fast timeouts."""
+def start_server(tmp_path: Path, *args: str, admin: bool = True,
+                 tls: Tls | None = None) -> RunningServer:
+    """Starts a server on a fresh database with an admin account ADMIN and fast timeouts;
+    with tls, on https with that certificate, and helpers that trust only its CA."""
     db = tmp_path / "dut.db"
     if admin:
         cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
-    return RunningServer(db=db, args=[*FAST_ARGS, *args]).start()
+    if tls is None:
+        return RunningServer(db=db, args=[*FAST_ARGS, *args]).start()
+    return RunningServer(db=db, args=[*FAST_ARGS, *tls.server_args, *args], scheme="https",
+                         ssl_context=tls.context()).start()
 
 
 def basic(name: str, secret: str) -> dict[str, str]:
@@ -184,7 +229,7 @@ class PollingAgent:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "PollingAgent":
+    def start(self) -> PollingAgent:
         self._thread.start()
         return self
 
