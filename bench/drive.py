@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.actors import TRANSIENT
 from bench.loadgen import Connection, error_kind
-from bench.servers import CLOCK_TICKS, GENERATOR_CORE, SERVER_CORE, proc_cpu_s
+from bench.servers import CLOCK_TICKS, GENERATOR_CORE, SERVER_CORE, proc_cpu_split_s
 
 
 @dataclass
@@ -166,16 +166,18 @@ class CpuMeter:
     async def _measure(self) -> None:
         await asyncio.sleep(max(0.0, self.window.start - time.monotonic()))
         t0, gen0, cores0 = time.monotonic(), time.process_time(), _core_busy_s()
-        srv0 = proc_cpu_s(self.server_pid) if self.server_pid else 0.0
+        user0, sys0 = proc_cpu_split_s(self.server_pid) if self.server_pid else (0.0, 0.0)
         await asyncio.sleep(max(0.0, self.window.end - time.monotonic()))
         wall = time.monotonic() - t0
         gen = (time.process_time() - gen0) / wall
-        srv = (proc_cpu_s(self.server_pid) - srv0) / wall if self.server_pid else 0.0
+        user1, sys1 = proc_cpu_split_s(self.server_pid) if self.server_pid else (0.0, 0.0)
+        srv = (user1 - user0 + sys1 - sys0) / wall
         cores1 = _core_busy_s()
         busy = {c: (cores1[c] - cores0.get(c, 0.0)) / wall for c in cores1}
         self.result["generator_cpu"] = round(gen, 2)
         if self.server_pid:
             self.result["server_cpu"] = round(srv, 2)
+            self.result["server_kernel_cpu"] = round((sys1 - sys0) / wall, 2)
         if self.server_pid and SERVER_CORE in busy and GENERATOR_CORE in busy:
             # Softirq work for loopback traffic lands on either core, so small values are noise.
             self.result["other_load"] = {

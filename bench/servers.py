@@ -69,9 +69,14 @@ def proc_rss_kb(pid: int) -> int:
 
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
+    return sum(proc_cpu_split_s(pid))
+
+
+def proc_cpu_split_s(pid: int) -> tuple[float, float]:
+    """User and system (kernel: syscalls, loopback TCP) CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 @dataclass

@@ -74,7 +74,11 @@ def generator_cost(cpu: dict[str, Any], per_s: float | None) -> dict[str, Any]:
     gen = cpu.get("generator_cpu")
     if gen is None or not per_s:
         return {}
-    return {"generator_us_per_op": round(gen / per_s * 1e6, 1), "generator_bound": gen >= 0.9}
+    figures = {"generator_us_per_op": round(gen / per_s * 1e6, 1), "generator_bound": gen >= 0.9}
+    if cpu.get("server_cpu"):
+        # CPU time per operation does not depend on how busy the generator's core was.
+        figures["server_us_per_op"] = round(cpu["server_cpu"] / per_s * 1e6, 1)
+    return figures
 
 
 def _ping_submitter(names: list[str]) -> Any:

@@ -32,7 +32,7 @@ def create_app(settings: Settings) -> Starlette:
     openapi = ops.build_openapi(routes)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: App) -> AsyncIterator[dict[str, Any]]:
         db = Store(settings.db_path, settings.sqlite_synchronous)
         await db.open()
         auth = Auth(settings, db)
@@ -48,7 +48,9 @@ def create_app(settings: Settings) -> Starlette:
         log.info("dutserver ready: %s (%d accounts)", settings.db_path, len(auth.accounts))
         try:
             yield {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,
-                   "tasks": tasks, "openapi": openapi}
+                   "tasks": tasks, "openapi": openapi,
+                   # the direct path of protocol.py: fixed paths straight to their Endpoints
+                   "endpoints": {path.encode(): ep for path, ep in app.fixed_paths.items()}}
         finally:
             dispatcher.close()
             for job in background:

@@ -108,7 +108,7 @@ def addaccount(dbfile: Path, name: str, kind: str) -> None:
         digest = hash_secret(kind, password, _key(dbfile))
         conn.execute("BEGIN IMMEDIATE")
         store.account_add(conn, name, kind, digest, store.now_ms())
-        store.audit_insert(store.now_ms(), "cli", "account_create", f"{kind} {name}", None)(conn)
+        store.audit_write(conn, "cli", "account_create", f"{kind} {name}", None)
         conn.execute("COMMIT")
     except store.AccountExists:
         _fail(f"account {name} already exists")
@@ -133,7 +133,7 @@ def _change(dbfile: Path, name: str, action: str) -> None:
             digest = hash_secret(account[1], _read_password(account[1]), _key(dbfile))
             conn.execute("BEGIN IMMEDIATE")
             store.account_set_secret(conn, name, digest, store.now_ms())
-        store.audit_insert(store.now_ms(), "cli", f"account_{action}", name, None)(conn)
+        store.audit_write(conn, "cli", f"account_{action}", name, None)
         conn.execute("COMMIT")
     except (sqlite3.Error, OSError) as exc:
         _fail(f"cannot write {dbfile}: {exc}")

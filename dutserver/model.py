@@ -34,6 +34,7 @@ class Task:
     delivered_ms: int | None = None
     finished_ms: int | None = None
     result: dict[str, Any] | None = None
+    payload_json: str = field(default="", repr=False)  # as stored, encoded once
     # The blocking submitter waiting for this task's result, if any.
     waiter: asyncio.Future[Any] | None = field(default=None, repr=False)
 

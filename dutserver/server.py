@@ -15,6 +15,7 @@ import uvicorn
 
 from dutserver.app import create_app
 from dutserver.config import Settings
+from dutserver.protocol import Protocol
 
 log = logging.getLogger("dutserver")
 
@@ -76,6 +77,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         proxy_headers=False,    # addresses in the audit log and bans are the peers' own
         date_header=False,
         lifespan="on",
+        http=Protocol,          # fixed paths skip ASGI (protocol.py)
     )
 
 

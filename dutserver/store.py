@@ -12,12 +12,14 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dutserver.writer import GroupCommitWriter, InlineGroupCommitWriter, Op, checkpoint
+from dutserver.model import Task
+from dutserver.writer import (GroupCommitWriter, InlineGroupCommitWriter, Op, RowBatches,
+                              checkpoint)
 
 T = TypeVar("T")
 
@@ -186,6 +188,7 @@ class Store:
                         else InlineGroupCommitWriter)
         self.writer: GroupCommitWriter | InlineGroupCommitWriter = writer_class(
             lambda: connect(path, synchronous))
+        self.rows = RowBatches(self.writer, [TASK_SAVE, AUDIT_INSERT])
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-reader")
         self._reader: sqlite3.Connection | None = None
 
@@ -221,10 +224,17 @@ class Store:
         if isinstance(self.writer, InlineGroupCommitWriter):
             await self.read(checkpoint)
 
+    def save_task(self, task: Task) -> asyncio.Future[Any]:
+        """Writes the task as it is now (insert or update); the future resolves at the commit."""
+        return self.rows.add(0, (
+            task.id, task.agent, task.type, task.payload_json, task.state.value,
+            task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms,
+            task.finished_ms, None if task.result is None else json.dumps(task.result)),
+            task.id)
+
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
         """Records an audit event; nobody waits for it, but it lands in the next batch."""
-        self.writer.write_nowait(audit_insert(now_ms(), _storable(actor), action,
-                                              _storable(detail) or "", address))
+        self.rows.add(1, (now_ms(), _storable(actor), action, _storable(detail) or "", address))
 
 
 def _storable(text: str | None) -> str | None:
@@ -240,45 +250,11 @@ def now_ms() -> int:
 
 # --- tasks ----------------------------------------------------------------------------------
 
-def tasks_insert(rows: Sequence[tuple[Any, ...]]) -> Op:
-    """rows: (id, agent, type, payload_json, state, submitted_by, created_ms, expires_ms)."""
-    def op(conn: sqlite3.Connection) -> None:
-        conn.executemany("INSERT INTO tasks (id, agent, type, payload, state, submitted_by, "
-                         "created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    return op
-
-
-def task_delivered(task_id: int, at_ms: int) -> Op:
-    def op(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE tasks SET state = 'delivered', delivered_ms = ? WHERE id = ?",
-                     (at_ms, task_id))
-    return op
-
-
-def task_requeued(task_id: int) -> Op:
-    """Undoes a hand-off that was recorded but never sent (the agent hung up meanwhile)."""
-    def op(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE tasks SET state = 'queued', delivered_ms = NULL WHERE id = ?",
-                     (task_id,))
-    return op
-
-
-def task_closed(task_id: int, state: str, at_ms: int, result_json: str | None) -> Op:
-    """Final state: done, failed, cancelled or expired."""
-    def op(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE tasks SET state = ?, finished_ms = ?, result = ? WHERE id = ?",
-                     (state, at_ms, result_json, task_id))
-    return op
-
-
-def tasks_closed(rows: Iterable[tuple[str, int, str | None, int]]) -> Op:
-    """Many final states at once: (state, at_ms, result_json, id)."""
-    rows = list(rows)
-
-    def op(conn: sqlite3.Connection) -> None:
-        conn.executemany("UPDATE tasks SET state = ?, finished_ms = ?, result = ? WHERE id = ?",
-                         rows)
-    return op
+TASK_SAVE = (
+    "INSERT INTO tasks (id, agent, type, payload, state, submitted_by, created_ms, expires_ms, "
+    "delivered_ms, finished_ms, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET state = excluded.state, delivered_ms = excluded.delivered_ms, "
+    "finished_ms = excluded.finished_ms, result = excluded.result")
 
 
 def task_row(conn: sqlite3.Connection, task_id: int) -> dict[str, Any] | None:
@@ -378,12 +354,13 @@ def agent_rows(conn: sqlite3.Connection, with_inventory: bool,
 
 # --- audit ----------------------------------------------------------------------------------
 
-def audit_insert(at_ms: int, actor: str | None, action: str, detail: str,
-                 address: str | None) -> Op:
-    def op(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO audit (at_ms, actor, action, detail, address) "
-                     "VALUES (?, ?, ?, ?, ?)", (at_ms, actor, action, detail, address))
-    return op
+AUDIT_INSERT = "INSERT INTO audit (at_ms, actor, action, detail, address) VALUES (?, ?, ?, ?, ?)"
+
+
+def audit_write(conn: sqlite3.Connection, actor: str | None, action: str, detail: str,
+                address: str | None) -> None:
+    """An audit event written at once (the command line, outside the server)."""
+    conn.execute(AUDIT_INSERT, (now_ms(), actor, action, detail, address))
 
 
 def audit_rows(conn: sqlite3.Connection, before_id: int | None,

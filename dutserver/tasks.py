@@ -26,6 +26,7 @@ log = logging.getLogger("dutserver.tasks")
 
 TIMEOUT_MSG = "Time out while waiting for task result"
 NO_RESULT = {"error": True, "msg": "no result"}
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: the C encoder
 _TIMED_OUT = object()  # waiter sentinels: the submitter's time ran out, or it hung up
 _GONE = object()
 
@@ -46,7 +47,8 @@ class Tasks:
             self.dispatcher.enqueue(Task(
                 id=row["id"], agent=row["agent"], type=row["type"],
                 payload=json.loads(row["payload"]), submitted_by=row["submitted_by"],
-                created_ms=row["created_ms"], expires_ms=row["expires_ms"]))
+                created_ms=row["created_ms"], expires_ms=row["expires_ms"],
+                payload_json=row["payload"]))
         if rows:
             log.info("recovered %d queued tasks", len(rows))
 
@@ -78,16 +80,16 @@ class Tasks:
             if self.dispatcher.queued(name) + pending[name] > self.s.queue_max:
                 raise ApiError(503, "Task queue is full")
         payload = {k: v for k, v in body.items() if k not in ("id", "type")}
-        payload_json = json.dumps(payload, separators=(",", ":"))
+        payload_json = _compact_json(payload)
         now = now_ms()
         expires = now + int((expires_s if expires_s is not None else self.s.task_expiry_s) * 1000)
-        tasks, rows = [], []
+        tasks = []
         for name in targets:
-            task = Task(self._next_id, name, kind, payload, submitted_by, now, expires)
+            task = Task(self._next_id, name, kind, payload, submitted_by, now, expires,
+                        payload_json=payload_json)
             self._next_id += 1
             tasks.append(task)
-            rows.append((task.id, name, kind, payload_json, "queued", submitted_by, now, expires))
-        inserted = self.db.write(store.tasks_insert(rows))
+            inserted = self.db.save_task(task)  # one batch: the last one's commit is all of them
         ids = f"{tasks[0].id}" if len(tasks) == 1 else f"{tasks[0].id}-{tasks[-1].id}"
         self.db.audit(submitted_by, "task_submit",
                       f"{kind} to {','.join(targets)[:500]} (task {ids})", address)
@@ -161,12 +163,12 @@ class Tasks:
             return None
         task.state = TaskState.DELIVERED
         task.delivered_ms = now_ms()
-        await self.db.write(store.task_delivered(task.id, task.delivered_ms))
+        await self.db.save_task(task)
         if gone.done() and task.state is TaskState.DELIVERED:
             # Recorded but never sent: undo, so it is not lost (nothing reached the agent).
             task.state = TaskState.QUEUED
             task.delivered_ms = None
-            self.db.write_nowait(store.task_requeued(task.id))
+            self.db.save_task(task)
             d.requeue_front(task)
             return None
         return task
@@ -274,8 +276,7 @@ class Tasks:
         self.dispatcher.forget(task)
         if task.waiter is not None and not task.waiter.done():
             task.waiter.set_result(_TIMED_OUT)
-        return self.db.write(store.task_closed(task.id, state.value, task.finished_ms,
-                                               json.dumps(result)))
+        return self.db.save_task(task)
 
 
 def _encodable(text: str) -> bool:

@@ -8,11 +8,12 @@ and a request that must be durable waits for its batch's commit, not for a commi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 log = logging.getLogger("dutserver.store")
@@ -131,6 +132,13 @@ class InlineGroupCommitWriter:
     def _schedule(self) -> None:
         if not self._scheduled and self._loop is not None:
             self._scheduled = True
+            self._loop.call_soon(self._flush_next_turn)
+
+    def _flush_next_turn(self) -> None:
+        # One turn later: what this turn's writes woke up (the poll a submit handed its task
+        # to, the submitter a result answered) writes into the same batch, and a task queued
+        # and delivered at once is written once, as delivered.
+        if self._loop is not None:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -147,6 +155,46 @@ class InlineGroupCommitWriter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class RowBatches:
+    """Rows written with one executemany per statement in the writer's next batch.
+
+    The hot path saves a task three times (queued, delivered, done); most of those saves, and the
+    audit events beside them, meet in one batch. A row added under a key that is still pending
+    replaces the earlier one, so a task queued and delivered before its batch commits is written
+    once, as delivered. Every add of one batch shares one future: its commit.
+    """
+
+    def __init__(self, writer: GroupCommitWriter | InlineGroupCommitWriter,
+                 statements: Sequence[str]) -> None:
+        self._writer = writer
+        self._statements = statements
+        self._lock = threading.Lock()  # the threaded writer takes a batch while the loop adds
+        self._pending: list[dict[Hashable, tuple[Any, ...]]] | None = None
+        self._future: asyncio.Future[Any] | None = None
+        self._serial = itertools.count()
+
+    def add(self, statement: int, row: tuple[Any, ...],
+            key: Hashable | None = None) -> asyncio.Future[Any]:
+        """Queues row for statement (rows with the same key: the last one wins)."""
+        with self._lock:
+            pending = self._pending
+            if pending is None or self._future is None:
+                pending = self._pending = [{} for _ in self._statements]
+                self._future = self._writer.write(self._op(pending))
+            pending[statement][next(self._serial) if key is None else key] = row
+            return self._future
+
+    def _op(self, pending: list[dict[Hashable, tuple[Any, ...]]]) -> Op:
+        def op(conn: sqlite3.Connection) -> None:
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
+            for sql, rows in zip(self._statements, pending):
+                if rows:
+                    conn.executemany(sql, rows.values())
+        return op
 
 
 def commit_batch(conn: sqlite3.Connection,

@@ -151,7 +151,7 @@ def test_multi_target_waits_run_concurrently(server: RunningServer) -> None:
     try:
         token = server.login()
         wait_until(lambda: all(json.loads(http("GET", f"{server.url}/agents", headers={
-            "Authorization": token})[2])["online"][n] for n in "ab"))
+            "Authorization": token})[2])["online"].get(n) for n in "ab"))
         started = time.monotonic()
         status, _, body = http("POST", f"{server.url}/tasks?target=c,a,b&timeout=1",
                                {"type": "ping"}, {"Authorization": token})
@@ -201,7 +201,7 @@ def test_no_hand_off_to_a_poll_whose_connection_is_gone(server: RunningServer) -
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n\r\n")
         wait_until(lambda: loads(http("GET", f"{server.url}/agents",
-                                      headers={"Authorization": token})[2])["online"]["pc1"])
+                                      headers={"Authorization": token})[2])["online"].get("pc1"))
     time.sleep(0.1)  # let the server see the hang-up before the task arrives
     task_id = submit_later(server, token, "pc1", 5)
     assert task_state(server, token, task_id)["state"] == "queued"

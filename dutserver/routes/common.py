@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import parse_qsl
@@ -62,67 +63,49 @@ def raw_json(data: bytes, status: int = 200) -> Reply:
 
 
 class Request:
-    __slots__ = ("_query", "_watcher", "receive", "scope")
+    """What a handler sees of a request, however it arrived: through ASGI (AsgiRequest) or on
+    the direct path of dutserver/protocol.py, which reads the whole body before the handler runs."""
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
-        self.scope = scope
-        self.receive = receive
+    __slots__ = ("_query", "address", "headers", "method", "path_params", "query_string",
+                 "state")
+
+    def __init__(self, method: str, headers: list[tuple[bytes, bytes]], query_string: bytes,
+                 state: dict[str, Any], address: str,
+                 path_params: dict[str, Any] | None = None) -> None:
+        self.method = method
+        self.headers = headers  # names in lower case
+        self.query_string = query_string
+        self.state = state
+        self.address = address
+        self.path_params = path_params if path_params is not None else {}
         self._query: dict[str, str] | None = None
-        self._watcher: asyncio.Task[None] | None = None
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self.scope["state"]  # type: ignore[no-any-return]
-
-    @property
-    def method(self) -> str:
-        return self.scope["method"]  # type: ignore[no-any-return]
-
-    @property
-    def address(self) -> str:
-        client = self.scope.get("client")
-        return str(client[0]) if client else "unknown"
-
-    @property
-    def path_params(self) -> dict[str, Any]:
-        return self.scope.get("path_params", {})  # type: ignore[no-any-return]
 
     def header(self, name: bytes) -> str | None:
-        for key, value in self.scope["headers"]:
+        for key, value in self.headers:
             if key == name:
-                return value.decode("latin-1")  # type: ignore[no-any-return]
+                return value.decode("latin-1")
         return None
 
     @property
     def query(self) -> dict[str, str]:
         if self._query is None:
             q: dict[str, str] = {}
-            for key, value in parse_qsl(self.scope["query_string"].decode("latin-1"),
+            for key, value in parse_qsl(self.query_string.decode("latin-1"),
                                         keep_blank_values=True):
                 q.setdefault(key, value)  # the first of repeated parameters counts
             self._query = q
         return self._query
 
     async def body(self) -> bytes:
-        """The whole body, refused with 413 past the configured limit (checked as it arrives)."""
-        limit = self.state["settings"].body_max_bytes
-        declared = self.header(b"content-length")
-        if declared is not None and declared.isascii() and declared.isdigit() \
-                and int(declared) > limit:
-            raise ApiError(413, f"Request body too large (limit {limit} bytes)")
-        chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "Client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"Request body too large (limit {limit} bytes)")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+        """The whole body, refused with 413 past the configured limit."""
+        raise NotImplementedError
+
+    def gone(self) -> asyncio.Future[None]:
+        """A future that resolves when the client disconnects (call after reading the body)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once the handler has answered."""
 
     async def json(self) -> Any:
         data = await self.body()
@@ -160,8 +143,45 @@ class Request:
                 values.setdefault(key, value)
         return values
 
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body too large (limit {limit} bytes)")
+
+
+class AsgiRequest(Request):
+    """A request that came through ASGI: the body and the disconnect arrive by receive()."""
+
+    __slots__ = ("_watcher", "receive")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        client = scope.get("client")
+        super().__init__(scope["method"], scope["headers"], scope["query_string"],
+                         scope["state"], str(client[0]) if client else "unknown",
+                         scope.get("path_params"))
+        self.receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def body(self) -> bytes:
+        limit = self.state["settings"].body_max_bytes
+        declared = self.header(b"content-length")
+        if declared is not None and declared.isascii() and declared.isdigit() \
+                and int(declared) > limit:
+            raise too_large(limit)
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "Client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
     def gone(self) -> asyncio.Future[None]:
-        """A future that resolves when the client disconnects (call after reading the body)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
@@ -204,24 +224,27 @@ class Endpoint:
         self.public = frozenset(public)
         self._allow = ", ".join(m for m in self.handlers if m != "HEAD")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.handlers.get(scope["method"])
-        req = Request(scope, receive)
+    async def handle(self, req: Request, path: str) -> Reply:
+        """The handler's reply, or the error it raised rendered in the error shape."""
+        handler = self.handlers.get(req.method)
         try:
             if handler is None:
-                raise ApiError(405, f"Method {scope['method']} not allowed; use {self._allow}",
+                raise ApiError(405, f"Method {req.method} not allowed; use {self._allow}",
                                {"Allow": self._allow})
-            reply = await handler(req)
+            return await handler(req)
         except ApiError as exc:
-            log.info("%s %s -> %d %s (from %s)", scope["method"], scope["path"], exc.status,
-                     exc.msg, req.address)
-            reply = Reply(exc.status, exc.body(), b"application/json", exc.headers or None)
+            log.info("%s %s -> %d %s (from %s)", req.method, path, exc.status, exc.msg,
+                     req.address)
+            return Reply(exc.status, exc.body(), b"application/json", exc.headers or None)
         except Exception:
-            log.exception("%s %s failed", scope["method"], scope["path"])
-            reply = Reply(500, b'{"error": true, "msg": "Internal server error"}',
-                          b"application/json")
+            log.exception("%s %s failed", req.method, path)
+            return Reply(500, b'{"error": true, "msg": "Internal server error"}',
+                         b"application/json")
         finally:
             req.finish()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reply = await self.handle(AsgiRequest(scope, receive), scope["path"])
         await send_reply(send, reply, head=scope["method"] == "HEAD")
 
 
@@ -233,6 +256,27 @@ async def send_reply(send: Send, reply: Reply, head: bool = False) -> None:
         headers.extend((k.lower().encode(), v.encode()) for k, v in reply.headers.items())
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else reply.body})
+
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_FIXED_HEADERS = b"".join(k + b": " + v + b"\r\n" for k, v in (NO_STORE, *SECURITY_HEADERS))
+
+
+def render(reply: Reply, head: bool, keep_alive: bool) -> bytes:
+    """The whole HTTP/1.1 response as one bytes object, with the same headers as send_reply:
+    the direct path (dutserver/protocol.py) writes it with one call."""
+    parts = [_STATUS_LINES.get(reply.status) or b"HTTP/1.1 %d \r\n" % reply.status,
+             b"content-length: %d\r\n" % len(reply.body), _FIXED_HEADERS]
+    if reply.content_type:
+        parts.append(b"content-type: " + reply.content_type + b"\r\n")
+    if reply.headers:
+        parts.extend(f"{k.lower()}: {v}\r\n".encode() for k, v in reply.headers.items())
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(reply.body)
+    return b"".join(parts)
 
 
 class SecurityHeaders:
