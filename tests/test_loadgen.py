@@ -20,6 +20,7 @@ from bench.actors import AgentFleet, create_agents, login
 from bench.drive import Stats, Window, closed_loop, open_loop
 from bench.durable import _account
 from bench.loadgen import Connection, ProtocolError, Target
+from bench.soak import account, slope_per_min, summarise_samples
 
 
 @dataclass
@@ -222,6 +223,34 @@ def test_durable_accounting_finds_lost_and_duplicated_tasks() -> None:
     tally = _account(acked, states, deliveries, acked_results=set(), last_kill_wall=kill)
     assert (tally["lost"], tally["duplicated"], tally["failed_in_flight"], tally["done"]) == (
         3, 1, 1, 2)
+
+
+def test_soak_slope_is_per_minute_and_needs_two_distinct_times() -> None:
+    assert slope_per_min([(0, 10.0), (60, 12.0), (120, 14.0)]) == pytest.approx(2.0)
+    assert slope_per_min([(0, 10.0), (30, 9.0), (60, 10.0), (90, 9.0)]) == pytest.approx(-0.4)
+    assert slope_per_min([(0, 10.0)]) is None
+    assert slope_per_min([(5, 10.0), (5, 11.0)]) is None
+
+
+def test_soak_summary_takes_the_slope_over_the_second_half_only() -> None:
+    # A warm-up climb in the first half, flat after: the slope says flat.
+    samples = [(0, 40.0, 230), (10, 45.0, 262), (20, 48.0, 262), (30, 48.0, 262),
+               (40, 48.0, 263), (50, 48.0, 262), (60, 48.0, 262)]
+    summary = summarise_samples(samples, duration_s=60)
+    assert summary["rss_mb"] == {"first": 40.0, "last": 48.0, "max": 48.0}
+    assert summary["fds"] == {"first": 230, "last": 262, "max": 263}
+    assert summary["rss_slope_mb_per_min_second_half"] == 0.0
+    assert summarise_samples([], 60)["rss_mb"] is None
+
+
+def test_soak_accounting_finds_lost_and_duplicated_tasks() -> None:
+    states = {1: {"state": "done"}, 2: {"state": "done"}, 3: {"state": "queued"},
+              4: {"state": "failed"}}  # 5 is unknown to the server
+    deliveries = {1: ["a"], 2: ["b", "b"], 3: [], 9: ["c", "c", "c"]}  # 9: a blocking submit
+    tally = account([1, 2, 3, 4, 5], states, deliveries)
+    assert (tally["done"], tally["lost"], tally["duplicated"]) == (2, 3, 3)
+    assert tally["lost_examples"] == [3, 4, 5]
+    assert tally["states"] == {"done": 2, "queued": 1, "failed": 1, "missing": 1}
 
 
 @pytest.mark.parametrize("classic_auth", [False, True], ids=["basic-auth", "classic-auth"])
