@@ -19,6 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -39,7 +40,7 @@ _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
 
 
-def check_name(name: str) -> None:
+def check_name(name: object) -> None:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ApiError(400, "Invalid name: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
 
@@ -291,6 +292,26 @@ class Auth:
         sess = self.sessions.pop(digest, None)
         self.db.write_nowait(store.session_delete(digest))
         return sess is not None
+
+    async def create_account(self, name: object, kind: str, secret: object, actor: str,
+                             address: str) -> None:
+        """Creates an account; never replaces one (409). Self-registration and the admin API."""
+        check_name(name)
+        assert isinstance(name, str)  # check_name refused anything else
+        checked = check_secret(kind, secret)
+        exists = "Agent already exists" if kind == "agent" else "Account already exists"
+        if name in self.accounts:
+            raise ApiError(409, exists)
+        digest = await asyncio.to_thread(hash_secret, kind, checked, self.key)
+
+        def op(conn: Any) -> None:
+            store.account_add(conn, name, kind, digest, store.now_ms())
+        try:
+            await self.db.write(op)
+        except store.AccountExists:
+            raise ApiError(409, exists) from None
+        self.added(name, kind, digest)
+        self.db.audit(actor, "account_create", f"{kind} {name}", address)
 
     def revoke_account(self, name: str) -> None:
         for digest, sess in list(self.sessions.items()):

@@ -11,7 +11,6 @@ from starlette.routing import Route
 from dutserver import store
 from dutserver.auth import Auth, check_secret, hash_secret
 from dutserver.errors import ApiError, unknown_agent
-from dutserver.routes.classic import create_account
 from dutserver.routes.common import Endpoint, Reply, Request, float_param, int_param, ok
 from dutserver.tasks import Tasks, iso
 
@@ -159,7 +158,8 @@ async def add_account(req: Request) -> Reply:
     kind = body.get("type")
     if kind not in ("admin", "agent"):
         raise ApiError(400, "Invalid account type: use admin or agent")
-    await create_account(req, body.get("name"), kind, body.get("password"), user)
+    await req.state["auth"].create_account(body.get("name"), kind, body.get("password"), user,
+                                           req.address)
     return ok({"account": {"name": body["name"], "type": kind}}, status=201)
 
 
@@ -179,8 +179,7 @@ async def change_password(req: Request) -> Reply:
         return store.account_set_secret(conn, name, digest, store.now_ms())
     if not await req.state["store"].write(op):
         raise ApiError(404, f"Unknown account: {name}")
-    auth.revoke_account(name)
-    await auth.refresh()
+    await auth.refresh()  # revokes its sessions: its secret changed
     req.state["store"].audit(user, "account_password", f"{acc.kind} {name}", req.address)
     return ok({"msg": "Password changed"})
 
@@ -201,8 +200,7 @@ async def remove_account(req: Request) -> Reply:
         return store.account_remove(conn, name)
     if not await req.state["store"].write(op):
         raise ApiError(404, f"Unknown account: {name}")
-    auth.revoke_account(name)
-    await auth.refresh()
+    await auth.refresh()  # revokes its sessions: it is gone
     req.state["tasks"].cancel_for_removed_agents()
     req.state["store"].audit(user, "account_remove", name, req.address)
     return ok({"msg": "Account removed"})

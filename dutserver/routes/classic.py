@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 from starlette.routing import Route
 
 from dutserver import store
-from dutserver.auth import Auth, check_name, check_secret, hash_secret
+from dutserver.auth import Auth
 from dutserver.errors import ApiError
 from dutserver.routes.common import Endpoint, Reply, Request, ok, raw_json
 from dutserver.tasks import TIMEOUT_MSG, Tasks
@@ -71,32 +69,9 @@ async def register_agent(req: Request) -> Reply:
         raise ApiError(405, "Agents self-registration is disabled")
     fields = await req.fields()
     name, secret = fields.get("user"), fields.get("pass")
-    await create_account(req, name, "agent", secret, admin or "self-registration")
+    await req.state["auth"].create_account(name, "agent", secret, admin or "self-registration",
+                                           req.address)
     return EMPTY
-
-
-async def create_account(req: Request, name: Any, kind: str, secret: Any, actor: str) -> None:
-    """Creates an account; never replaces one (409). Shared with the native API."""
-    check_name(name)
-    secret = check_secret(kind, secret)
-    auth: Auth = req.state["auth"]
-    if name in auth.accounts:
-        raise ApiError(409, "Agent already exists" if kind == "agent" else "Account already exists")
-    digest = await _hash(auth, kind, secret)
-
-    def op(conn: Any) -> None:
-        store.account_add(conn, name, kind, digest, store.now_ms())
-    try:
-        await req.state["store"].write(op)
-    except store.AccountExists:
-        raise ApiError(409, "Agent already exists" if kind == "agent"
-                       else "Account already exists") from None
-    auth.added(name, kind, digest)
-    req.state["store"].audit(actor, "account_create", f"{kind} {name}", req.address)
-
-
-async def _hash(auth: Auth, kind: str, secret: str) -> str:
-    return await asyncio.to_thread(hash_secret, kind, secret, auth.key)
 
 
 async def selfreg_enabled(req: Request) -> bool:
