@@ -8,6 +8,7 @@ speedscope.app and flamegraph.pl read; the top functions also go to stderr.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections import Counter
@@ -36,7 +37,8 @@ class ServerProfile:
         duration = max(1, round(window.end - time.monotonic()))
         proc = await asyncio.create_subprocess_exec(
             py_spy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", "250",
-            "--format", "raw", "--output", str(self.out), "--nonblocking",
+            "--format", "raw", "--output", str(self.out),
+            *os.environ.get("BENCH_PY_SPY_ARGS", "--nonblocking").split(),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
         return "" if proc.returncode == 0 else err.decode(errors="replace")[-500:]

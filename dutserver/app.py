@@ -33,7 +33,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: App) -> AsyncIterator[dict[str, Any]]:
-        db = Store(settings.db_path, settings.sqlite_synchronous)
+        db = Store(settings.db_path, settings.sqlite_synchronous, settings.commit_interval_ms / 1000)
         await db.open()
         auth = Auth(settings, db)
         await auth.load()

@@ -39,10 +39,14 @@ class Settings:
     accounts_refresh_s: float = field(
         default=0.25, metadata={"help": "how often CLI account changes are picked up"})
     sweep_interval_s: float = field(default=1.0, metadata={"help": "expiry sweep period"})
+    keep_alive_s: float = field(
+        default=60.0, metadata={"help": "idle connections close after this long"})
     shutdown_timeout_s: float = field(
         default=1.5, metadata={"help": "how long in-flight requests may finish at shutdown"})
     sqlite_synchronous: str = field(
         default="NORMAL", metadata={"help": "SQLite synchronous mode (FULL: fsync every commit)"})
+    commit_interval_ms: float = field(
+        default=1.0, metadata={"help": "under load, at most one database commit per interval"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
     access_log: bool = field(default=False, metadata={"help": "log every request"})
 

@@ -6,20 +6,31 @@ only makes sure that a queued task meets a waiting poll without a database round
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from dutserver.model import Task, TaskState
 
 
 class Poll:
-    """A parked agent long-poll. Its future gets a Task, or None when the poll should end empty."""
+    """A parked agent long-poll. `deliver` is called once: with a Task, or with None when the
+    poll should end empty (timeout, hang-up, shutdown). A plain callback, not a future: the
+    hand-off happens in the same turn as the submit, with no task switch in between."""
 
-    __slots__ = ("future",)
+    __slots__ = ("deliver", "settled")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[Task | None] = loop.create_future()
+    def __init__(self, deliver: Callable[[Task | None], None]) -> None:
+        self.deliver = deliver
+        self.settled = False
+
+    def settle(self, task: Task | None) -> bool:
+        """Ends the poll with task; False if it had ended already."""
+        if self.settled:
+            return False
+        self.settled = True
+        self.deliver(task)
+        return True
 
 
 class AgentSlot:
@@ -67,9 +78,7 @@ class Dispatcher:
         self.active[task.id] = task
         slot = self.slot(task.agent)
         while slot.polls:
-            poll = slot.polls.popleft()
-            if not poll.future.done():
-                poll.future.set_result(task)
+            if slot.polls.popleft().settle(task):
                 return
         slot.queue.append(task)
 
@@ -77,9 +86,7 @@ class Dispatcher:
         """A task taken by a poll whose connection died before it was sent goes back first."""
         slot = self.slot(task.agent)
         while slot.polls:
-            poll = slot.polls.popleft()
-            if not poll.future.done():
-                poll.future.set_result(task)
+            if slot.polls.popleft().settle(task):
                 return
         slot.queue.appendleft(task)
 
@@ -105,10 +112,8 @@ class Dispatcher:
     def forget(self, task: Task) -> None:
         self.active.pop(task.id, None)
 
-    def park(self, agent: str) -> Poll:
-        poll = Poll(asyncio.get_running_loop())
+    def park(self, agent: str, poll: Poll) -> None:
         self.slot(agent).polls.append(poll)
-        return poll
 
     def unpark(self, agent: str, poll: Poll) -> None:
         slot = self.slots.get(agent)
@@ -153,6 +158,4 @@ class Dispatcher:
         self.closing = True
         for slot in self.slots.values():
             while slot.polls:
-                poll = slot.polls.popleft()
-                if not poll.future.done():
-                    poll.future.set_result(None)
+                slot.polls.popleft().settle(None)

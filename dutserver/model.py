@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -35,8 +34,8 @@ class Task:
     finished_ms: int | None = None
     result: dict[str, Any] | None = None
     payload_json: str = field(default="", repr=False)  # as stored, encoded once
-    # The blocking submitter waiting for this task's result, if any.
-    waiter: asyncio.Future[Any] | None = field(default=None, repr=False)
+    # The blocking submit waiting for this task's result, if any (tasks._Waiting).
+    waiter: Any = field(default=None, repr=False)
 
     def wire(self) -> dict[str, Any]:
         """The task object as the agent receives it."""

@@ -16,14 +16,18 @@ version this was written against, and the test suite runs every route through th
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from dutserver.routes.common import Endpoint, Reply, Request, render, too_large
+from dutserver.errors import ApiError
+from dutserver.routes.common import (DirectHandler, Endpoint, Reply, Request, error_reply,
+                                      is_direct, render, too_large)
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+log = logging.getLogger("dutserver.http")
 
 
 class _NoEvent:
@@ -57,7 +61,7 @@ class DirectCycle:
         self.size = 0
         self.complete = False         # the whole request is parsed
         self.started = False          # its turn has come (earlier pipelined requests answered)
-        self.error: Reply | None = None
+        self.error: ApiError | None = None  # refused before its body was read
         self.response_complete = False
         self.disconnected = False
         self._gone: asyncio.Future[None] | None = None
@@ -118,7 +122,7 @@ class Protocol(HttpToolsProtocol):
         limit = self.app_state["settings"].body_max_bytes
         for name, value in self.headers:  # the parser has checked its syntax already
             if name == b"content-length" and (len(value) > 18 or int(value) > limit):
-                cycle.error = _error_reply(too_large(limit))
+                cycle.error = too_large(limit)
         previous = self.cycle
         self.cycle = cycle
         if previous is None or previous.response_complete:
@@ -146,7 +150,7 @@ class Protocol(HttpToolsProtocol):
         limit = self.app_state["settings"].body_max_bytes
         if cycle.size > limit:
             cycle.body.clear()
-            cycle.error = _error_reply(too_large(limit))
+            cycle.error = too_large(limit)
             if cycle.started:
                 self._run(cycle)
             return
@@ -178,20 +182,40 @@ class Protocol(HttpToolsProtocol):
 
     def _run(self, cycle: DirectCycle) -> None:
         self._running = cycle
-        task = self.loop.create_task(self._serve(cycle))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
-
-    async def _serve(self, cycle: DirectCycle) -> None:
+        client = self.client
+        request = DirectRequest(cycle, self.app_state, str(client[0]) if client else "unknown")
         if cycle.error is not None:
-            reply = cycle.error
             cycle.keep_alive = False  # the rest of the body is not read
-        else:
-            client = self.client
-            request = DirectRequest(cycle, self.app_state, str(client[0]) if client else "unknown")
-            reply = await cycle.endpoint.handle(request, cycle.path)
-        self._running = None
+            self._respond(cycle, error_reply(request, cycle.path, cycle.error))
+            return
+        handler = cycle.endpoint.handlers.get(cycle.method)
+        if not is_direct(handler):
+            task = self.loop.create_task(self._serve(cycle, request))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            return
+
+        # The hot path: the handler answers now or from a callback, never from a task.
+        def respond(outcome: Reply | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                outcome = error_reply(request, cycle.path, outcome)
+            self._respond(cycle, outcome)
+
+        try:
+            cast(DirectHandler, handler)(request, b"".join(cycle.body), respond)
+        except Exception as exc:
+            respond(exc)
+
+    async def _serve(self, cycle: DirectCycle, request: DirectRequest) -> None:
+        self._respond(cycle, await cycle.endpoint.handle(request, cycle.path))
+
+    def _respond(self, cycle: DirectCycle, reply: Reply) -> None:
+        if cycle.response_complete:
+            log.error("%s %s answered twice", cycle.method, cycle.path)
+            return
         cycle.response_complete = True
+        if self._running is cycle:
+            self._running = None
         if self.transport.is_closing():
             return
         if self.access_log:
@@ -204,12 +228,44 @@ class Protocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    # Keep-alive: uvicorn arms a timer after every response and cancels it with the next request,
+    # two timer-handle operations per request. Here one timer per connection checks, when it
+    # fires, whether the connection has really been idle that long, and re-arms if not.
+    _idle_since: float | None = None
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # busy; the timer stays armed and looks again when it fires
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self._keep_alive_check)
+
+    def _keep_alive_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None or self.transport.is_closing():
+            return  # busy (a long-poll, say): the next response arms the timer again
+        idle_s = self.loop.time() - self._idle_since
+        if idle_s >= self.timeout_keep_alive:
+            self.transport.close()
+        else:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive - idle_s, self._keep_alive_check)
+
     def connection_lost(self, exc: Exception | None) -> None:
         running = self._running
         if running is not None:
             running.lost()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
-
-
-def _error_reply(exc: Any) -> Reply:
-    return Reply(exc.status, exc.body(), b"application/json")

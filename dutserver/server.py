@@ -71,7 +71,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         access_log=settings.access_log,
         # uvicorn types this as int, but hands it to asyncio.wait_for: fractions work.
         timeout_graceful_shutdown=cast(int, settings.shutdown_timeout_s),
-        timeout_keep_alive=60,  # agents and clients reuse their connections between polls
+        # agents and clients reuse their connections between polls (fractions work, as above)
+        timeout_keep_alive=cast(int, settings.keep_alive_s),
         backlog=4096,           # a restart herd of thousands of agents reconnecting at once
         server_header=False,
         proxy_headers=False,    # addresses in the audit log and bans are the peers' own

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dutserver import codec
 from dutserver.model import Task
 from dutserver.writer import (GroupCommitWriter, InlineGroupCommitWriter, Op, RowBatches,
                               checkpoint)
@@ -179,15 +180,19 @@ def setting_set(conn: sqlite3.Connection, key: str, value: str) -> None:
 class Store:
     """The database as the server uses it: group-committed writes, reads on a reader thread."""
 
-    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path, synchronous: str = "NORMAL",
+                 commit_interval_s: float = 0.0) -> None:
         self.path = path
         self._synchronous = synchronous
         # Without fsync a commit is cheaper than a thread hand-off, so it runs on the loop;
-        # with FULL every commit waits for the disk, so it gets a thread of its own.
-        writer_class = (GroupCommitWriter if synchronous.upper() in ("FULL", "EXTRA")
-                        else InlineGroupCommitWriter)
-        self.writer: GroupCommitWriter | InlineGroupCommitWriter = writer_class(
-            lambda: connect(path, synchronous))
+        # with FULL every commit waits for the disk, so it gets a thread of its own (and the
+        # disk's own pace batches its commits).
+        self.writer: GroupCommitWriter | InlineGroupCommitWriter
+        if synchronous.upper() in ("FULL", "EXTRA"):
+            self.writer = GroupCommitWriter(lambda: connect(path, synchronous))
+        else:
+            self.writer = InlineGroupCommitWriter(lambda: connect(path, synchronous),
+                                                  commit_interval_s)
         self.rows = RowBatches(self.writer, [TASK_SAVE, AUDIT_INSERT])
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-reader")
         self._reader: sqlite3.Connection | None = None
@@ -229,7 +234,7 @@ class Store:
         return self.rows.add(0, (
             task.id, task.agent, task.type, task.payload_json, task.state.value,
             task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms,
-            task.finished_ms, None if task.result is None else json.dumps(task.result)),
+            task.finished_ms, None if task.result is None else codec.dumps(task.result)),
             task.id)
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from dutserver import store
+from dutserver import codec, store
 from dutserver.auth import Auth
 from dutserver.config import Settings
-from dutserver.dispatcher import Dispatcher
+from dutserver.dispatcher import Dispatcher, Poll
 from dutserver.errors import ApiError, unknown_agent
 from dutserver.model import FINAL_STATES, Task, TaskState
 from dutserver.store import Store, now_ms
@@ -26,7 +26,6 @@ log = logging.getLogger("dutserver.tasks")
 
 TIMEOUT_MSG = "Time out while waiting for task result"
 NO_RESULT = {"error": True, "msg": "no result"}
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: the C encoder
 _TIMED_OUT = object()  # waiter sentinels: the submitter's time ran out, or it hung up
 _GONE = object()
 
@@ -80,7 +79,7 @@ class Tasks:
             if self.dispatcher.queued(name) + pending[name] > self.s.queue_max:
                 raise ApiError(503, "Task queue is full")
         payload = {k: v for k, v in body.items() if k not in ("id", "type")}
-        payload_json = _compact_json(payload)
+        payload_json = codec.compact(payload)
         now = now_ms()
         expires = now + int((expires_s if expires_s is not None else self.s.task_expiry_s) * 1000)
         tasks = []
@@ -106,84 +105,88 @@ class Tasks:
         await inserted
         return tasks
 
-    async def submit_and_wait(self, targets: Sequence[str], body: Any, submitted_by: str,
-                              timeout_s: float, gone: asyncio.Future[Any] | None,
-                              address: str | None) -> list[dict[str, Any] | None]:
-        """Blocking submit: each target's result, or None where none came in time."""
-        loop = asyncio.get_running_loop()
-        await self.auth.knows(list(targets))
+    def submit_and_wait(self, targets: Sequence[str], body: Any, submitted_by: str,
+                        timeout_s: float, gone: asyncio.Future[Any] | None, address: str | None,
+                        done: Callable[[list[dict[str, Any] | None]], None]) -> None:
+        """Blocking submit: done(each target's result, None where none came in time).
+
+        Raises ApiError at once when the submit is refused. Callers make sure first that every
+        target is known (`auth.knows`), so this runs in the request's own turn, and the poll
+        a task is handed to is answered without a task switch in between."""
         tasks, _ = self.create(targets, body, submitted_by, None, address)
-        for task in tasks:
-            task.waiter = loop.create_future()
-
-        def settle(sentinel: object) -> None:
-            for task in tasks:
-                if task.waiter is not None and not task.waiter.done():
-                    task.waiter.set_result(sentinel)
-
-        timer = loop.call_later(timeout_s, settle, _TIMED_OUT)
+        waiting = _Waiting(self, tasks, done)
+        waiting.timer = asyncio.get_running_loop().call_later(timeout_s, waiting.settle_all,
+                                                              _TIMED_OUT)
         if gone is not None:
-            gone.add_done_callback(lambda _: settle(_GONE))
-        try:
-            outcomes = [await task.waiter for task in tasks if task.waiter is not None]
-        finally:
-            timer.cancel()
-        results: list[dict[str, Any] | None] = []
-        for task, outcome in zip(tasks, outcomes):
-            task.waiter = None
-            if isinstance(outcome, dict):
-                results.append(outcome)
-                continue
-            results.append(None)
-            if task.state is TaskState.QUEUED:  # never delivered later: its submitter left
-                why = "submitter disconnected" if outcome is _GONE else "submitter timed out"
-                self._close(task, TaskState.CANCELLED, {"error": True, "msg": why})
-        return results
+            gone.add_done_callback(lambda _: waiting.settle_all(_GONE))
 
     # --- the agent's side --------------------------------------------------------------------
 
-    async def next_for(self, agent: str, gone: asyncio.Future[Any]) -> Task | None:
-        """A long-poll: the oldest queued task for agent, or None after the poll timeout."""
+    def next_for(self, agent: str, gone: asyncio.Future[Any],
+                 answer: Callable[[Task | None], None]) -> None:
+        """A long-poll: answer(the oldest queued task for agent) once its hand-off is
+        committed; answer(None) after the poll timeout, at shutdown or when the agent hung up."""
+        loop = asyncio.get_running_loop()
         d = self.dispatcher
-        task = None if d.closing else d.take(agent)
-        if task is None and not d.closing:
-            poll = d.park(agent)
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(self.s.poll_timeout_s, _settle, poll.future, None)
-            gone.add_done_callback(lambda _: _settle(poll.future, None))
-            try:
-                task = await poll.future
-            finally:
-                timer.cancel()
+        if d.closing:
+            answer(None)
+            return
+        task = d.take(agent)
+        if task is not None:
+            self._hand_over(task, gone, answer)
+            return
+
+        def deliver(task: Task | None) -> None:
+            timer.cancel()
+            if task is None:
+                answer(None)
+            else:
+                self._hand_over(task, gone, answer)
+
+        def end_empty(*_: object) -> None:
+            if poll.settle(None):
                 d.unpark(agent, poll)
-        if task is None:
-            return None
+
+        poll = Poll(deliver)
+        timer = loop.call_later(self.s.poll_timeout_s, end_empty)
+        d.park(agent, poll)
+        gone.add_done_callback(end_empty)
+
+    def _hand_over(self, task: Task, gone: asyncio.Future[Any],
+                   answer: Callable[[Task | None], None]) -> None:
+        """Records the hand-off; the agent gets the task once that is committed (at most
+        once: a crash after the commit fails the task rather than sending it again)."""
         if gone.done():  # the agent hung up meanwhile: keep the task for its next poll
-            d.requeue_front(task)
-            return None
+            self.dispatcher.requeue_front(task)
+            answer(None)
+            return
         task.state = TaskState.DELIVERED
         task.delivered_ms = now_ms()
-        await self.db.save_task(task)
-        if gone.done() and task.state is TaskState.DELIVERED:
-            # Recorded but never sent: undo, so it is not lost (nothing reached the agent).
-            task.state = TaskState.QUEUED
-            task.delivered_ms = None
-            self.db.save_task(task)
-            d.requeue_front(task)
-            return None
-        return task
 
-    async def record_result(self, agent: str, task_id: int, result: Any) -> None:
+        def committed(fut: asyncio.Future[Any]) -> None:
+            failed = fut.exception()
+            if (failed is not None or gone.done()) and task.state is TaskState.DELIVERED:
+                # Recorded (or not) but never sent: undo, so it is not lost.
+                if failed is not None:
+                    log.error("recording the hand-off of task %d failed: %s", task.id, failed)
+                task.state = TaskState.QUEUED
+                task.delivered_ms = None
+                self.db.save_task(task)
+                self.dispatcher.requeue_front(task)
+                answer(None)
+                return
+            answer(task)
+
+        self.db.save_task(task).add_done_callback(committed)
+
+    def record_result(self, agent: str, task_id: int, result: Any) -> asyncio.Future[Any]:
+        """Records a result; the future resolves once it is committed (or fails with the
+        ApiError that refuses it)."""
         if not isinstance(result, dict):
             raise ApiError(400, "Invalid JSON: the result must be a JSON object")
         task = self.dispatcher.active.get(task_id)
         if task is None:
-            row = await self.db.read(store.task_row, task_id)
-            if row is None:
-                raise ApiError(404, f"Unknown task: {task_id}")
-            if row["agent"] != agent:
-                raise ApiError(403, "This task was not sent to you")
-            raise ApiError(409, "Result already recorded")
+            return asyncio.ensure_future(self._refuse_result(agent, task_id))
         if task.agent != agent:
             raise ApiError(403, "This task was not sent to you")
         if task.state is not TaskState.DELIVERED:
@@ -191,12 +194,21 @@ class Tasks:
         if "error" not in result:
             result = {**result, "error": False}
         state = TaskState.FAILED if result.get("error") is True else TaskState.DONE
-        if task.waiter is not None and not task.waiter.done():
-            task.waiter.set_result(result)  # the submitter need not wait for the commit
+        if task.waiter is not None:
+            task.waiter.settle(task, result)  # the submitter need not wait for the commit
         if state is TaskState.DONE and task.type == "inventory":
             self.db.write_nowait(store.agent_inventory(
-                agent, json.dumps({k: v for k, v in result.items() if k != "error"})))
-        await self._close(task, state, result)
+                agent, codec.dumps({k: v for k, v in result.items() if k != "error"})))
+        return self._close(task, state, result)
+
+    async def _refuse_result(self, agent: str, task_id: int) -> None:
+        """Why a result for a task that is no longer active is refused."""
+        row = await self.db.read(store.task_row, task_id)
+        if row is None:
+            raise ApiError(404, f"Unknown task: {task_id}")
+        if row["agent"] != agent:
+            raise ApiError(403, "This task was not sent to you")
+        raise ApiError(409, "Result already recorded")
 
     # --- admin actions -----------------------------------------------------------------------
 
@@ -274,9 +286,55 @@ class Tasks:
         task.finished_ms = now_ms()
         task.result = result
         self.dispatcher.forget(task)
-        if task.waiter is not None and not task.waiter.done():
-            task.waiter.set_result(_TIMED_OUT)
+        if task.waiter is not None:
+            task.waiter.settle(task, _TIMED_OUT)
         return self.db.save_task(task)
+
+
+class _Waiting:
+    """A blocking submit waiting for its tasks' outcomes: results, or why none will come."""
+
+    __slots__ = ("done", "left", "outcomes", "owner", "tasks", "timer")
+
+    def __init__(self, owner: Tasks, tasks: list[Task],
+                 done: Callable[[list[dict[str, Any] | None]], None]) -> None:
+        self.owner = owner
+        self.tasks = tasks
+        self.done = done
+        self.outcomes: dict[int, object] = {}
+        self.left = len(tasks)
+        self.timer: asyncio.TimerHandle | None = None
+        for task in tasks:
+            task.waiter = self
+
+    def settle(self, task: Task, outcome: object) -> None:
+        if task.id in self.outcomes:
+            return
+        self.outcomes[task.id] = outcome
+        task.waiter = None
+        self.left -= 1
+        if self.left == 0:
+            self._finish()
+
+    def settle_all(self, outcome: object) -> None:
+        for task in self.tasks:
+            if task.id not in self.outcomes:
+                self.settle(task, outcome)
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        results: list[dict[str, Any] | None] = []
+        for task in self.tasks:
+            outcome = self.outcomes[task.id]
+            if isinstance(outcome, dict):
+                results.append(outcome)
+                continue
+            results.append(None)
+            if task.state is TaskState.QUEUED:  # never delivered later: its submitter left
+                why = "submitter disconnected" if outcome is _GONE else "submitter timed out"
+                self.owner._close(task, TaskState.CANCELLED, {"error": True, "msg": why})
+        self.done(results)
 
 
 def _encodable(text: str) -> bool:
@@ -286,11 +344,6 @@ def _encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-def _settle(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
 
 
 def iso(ms: int | None) -> str | None:

@@ -160,3 +160,28 @@ def test_malformed_request_gets_400_and_others_are_served(srv: RunningServer) ->
         status, _, _ = read_response(sock, bytearray())
     assert status == 400
     assert http("GET", f"{srv.url}/healthz")[0] == 200
+
+
+def test_idle_connections_close_after_the_keep_alive_time_busy_ones_stay(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = start_server(tmp_path_factory.mktemp("keepalive"), "--keep-alive-s", "0.4",
+                          "--poll-timeout-s", "1")
+    try:
+        server.add_account("pc1", "agent", SECRET)
+        with connect(server) as idle, connect(server) as busy, connect(server) as polling:
+            buf_idle, buf_busy, buf_poll = bytearray(), bytearray(), bytearray()
+            idle.sendall(request("GET", "/healthz"))
+            assert read_response(idle, buf_idle)[0] == 200
+            polling.sendall(request("GET", "/tasks", headers=basic("pc1", SECRET)))
+            for _ in range(8):  # a request every 0.15 s for 1.2 s: never idle for 0.4 s
+                busy.sendall(request("GET", "/healthz"))
+                assert read_response(busy, buf_busy)[0] == 200
+                time.sleep(0.15)
+            assert closed(idle, buf_idle), "idle for 1.2 s with a 0.4 s keep-alive"
+            # The long-poll (1 s) outlasted the keep-alive time and was still answered.
+            status, _, body = read_response(polling, buf_poll)
+            assert (status, json.loads(body)) == (200, {})
+            busy.sendall(request("GET", "/healthz"))
+            assert read_response(busy, buf_busy)[0] == 200
+    finally:
+        server.stop()

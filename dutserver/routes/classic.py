@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from starlette.routing import Route
 
-from dutserver import store
+from dutserver import codec, store
 from dutserver.auth import Auth
 from dutserver.errors import ApiError
-from dutserver.routes.common import Endpoint, Reply, Request, ok, raw_json
-from dutserver.tasks import TIMEOUT_MSG, Tasks
+from dutserver.model import Task
+from dutserver.routes.common import (Endpoint, Reply, Request, Respond, after, direct, ok,
+                                      parse_json, raw_json, when_done)
+from dutserver.tasks import TIMEOUT_MSG
 
 EMPTY = Reply(200)
 EMPTY_TASK = raw_json(b"{}")
@@ -96,7 +98,8 @@ async def set_selfreg(req: Request) -> Reply:
     return EMPTY
 
 
-async def submit_task(req: Request) -> Reply:
+@direct
+def submit_task(req: Request, body: bytes, respond: Respond) -> None:
     """Submit a task to one or more agents and wait for the results."""
     user = require_session(req)
     settings = req.state["settings"]
@@ -113,46 +116,72 @@ async def submit_task(req: Request) -> Reply:
         if not timeout_s > 0:
             raise ApiError(400, "Invalid timeout parameter: must be above 0")
         timeout_s = min(timeout_s, settings.submit_timeout_max_s)
-    body = await req.json()
-    tasks: Tasks = req.state["tasks"]
-    results = await tasks.submit_and_wait(targets, body, user, timeout_s, req.gone(), req.address)
-    if len(targets) == 1:
-        if results[0] is None:
-            raise ApiError(504, TIMEOUT_MSG)
-        return raw_json(json.dumps(results[0]).encode())
-    combined = [{**r, "target": t} if r is not None else
-                {"error": True, "msg": TIMEOUT_MSG, "target": t}
-                for t, r in zip(targets, results)]
-    return ok({"results": combined})
+    task = parse_json(body)
+    auth: Auth = req.state["auth"]
+
+    def submit() -> None:
+        req.state["tasks"].submit_and_wait(targets, task, user, timeout_s, req.gone(),
+                                           req.address, answer)
+
+    def answer(results: list[dict[str, Any] | None]) -> None:
+        if len(targets) == 1:
+            respond(ApiError(504, TIMEOUT_MSG) if results[0] is None
+                    else raw_json(codec.dumps(results[0]).encode()))
+            return
+        respond(ok({"results": [{**r, "target": t} if r is not None else
+                                {"error": True, "msg": TIMEOUT_MSG, "target": t}
+                                for t, r in zip(targets, results)]}))
+
+    if all(t in auth.accounts for t in targets):
+        submit()
+    else:  # maybe added by the CLI a moment ago: look before calling it unknown
+        after(auth.knows(targets), respond, submit)
 
 
-async def poll_task(req: Request) -> Reply:
+@direct
+def poll_task(req: Request, body: bytes, respond: Respond) -> None:
     """The agent's long-poll: the oldest queued task, or {} when the poll times out."""
-    agent = await require_agent(req)
+    auth: Auth = req.state["auth"]
+    agent = auth.agent_known(req.header(b"authorization"), req.address)
+    if agent is None:  # maybe added or changed by the CLI a moment ago
+        after(auth.agent(req.header(b"authorization"), req.address), respond,
+              lambda: _poll(req, respond, auth.agent_known(req.header(b"authorization"),
+                                                           req.address)))
+        return
+    _poll(req, respond, agent)
+
+
+def _poll(req: Request, respond: Respond, agent: str | None) -> None:
+    if agent is None:
+        respond(ApiError(403, "Authorization failure"))
+        return
     dispatcher = req.state["dispatcher"]
     slot = dispatcher.poll_started(agent, req.address, agent_version(req))
     gone = req.gone()
-    task = None
-    try:
-        task = await req.state["tasks"].next_for(agent, gone)
-    finally:
+
+    def answer(task: Task | None) -> None:
         dispatcher.poll_ended(slot, dropped=gone.done() and task is None)
-    if task is None:
-        return EMPTY_TASK
-    return raw_json(json.dumps(task.wire()).encode())
+        respond(EMPTY_TASK if task is None else raw_json(codec.dumps(task.wire()).encode()))
+
+    req.state["tasks"].next_for(agent, gone, answer)
 
 
-async def post_result(req: Request) -> Reply:
+@direct
+def post_result(req: Request, body: bytes, respond: Respond) -> None:
     """The agent posts the result of task `id`."""
-    agent = await require_agent(req)
+    auth: Auth = req.state["auth"]
+    agent = auth.agent_known(req.header(b"authorization"), req.address)
+    if agent is None:
+        after(auth.agent(req.header(b"authorization"), req.address), respond,
+              lambda: post_result(req, body, respond))  # known now, or refused
+        return
     raw_id = req.query.get("id", "")
     if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
         raise ApiError(400, "Missing or invalid id parameter")
-    result = await req.json()
+    result = parse_json(body)
     dispatcher = req.state["dispatcher"]
     dispatcher.seen(dispatcher.slot(agent), req.address, agent_version(req))
-    await req.state["tasks"].record_result(agent, int(raw_id), result)
-    return EMPTY
+    when_done(req.state["tasks"].record_result(agent, int(raw_id), result), respond, EMPTY)
 
 
 def routes() -> list[Route]:
