@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -45,6 +46,8 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(_every(settings.accounts_refresh_s, _refresh(auth, tasks))),
             asyncio.create_task(_every(settings.sweep_interval_s, _sweep(auth, tasks))),
         ]
+        # What start-up built lives as long as the process: out of the collector's full passes.
+        gc.freeze()
         log.info("dutserver ready: %s (%d accounts)", settings.db_path, len(auth.accounts))
         try:
             yield {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,

@@ -18,18 +18,17 @@ class Poll:
     poll should end empty (timeout, hang-up, shutdown). A plain callback, not a future: the
     hand-off happens in the same turn as the submit, with no task switch in between."""
 
-    __slots__ = ("deliver", "settled")
+    __slots__ = ("deliver",)
 
     def __init__(self, deliver: Callable[[Task | None], None]) -> None:
-        self.deliver = deliver
-        self.settled = False
+        self.deliver: Callable[[Task | None], None] | None = deliver
 
     def settle(self, task: Task | None) -> bool:
         """Ends the poll with task; False if it had ended already."""
-        if self.settled:
+        deliver, self.deliver = self.deliver, None  # also breaks the cycle through its timer
+        if deliver is None:
             return False
-        self.settled = True
-        self.deliver(task)
+        deliver(task)
         return True
 
 

@@ -73,6 +73,11 @@ class DirectCycle:
                 self._gone.set_result(None)
         return self._gone
 
+    def release(self) -> None:
+        """Answered: what waited for a hang-up (through closures that lead back here) goes, so
+        no reference cycle is left for the garbage collector, whose full passes stall the loop."""
+        self._gone = None
+
     def lost(self) -> None:
         self.disconnected = True
         if self._gone is not None and not self._gone.done():
@@ -214,6 +219,7 @@ class Protocol(HttpToolsProtocol):
             log.error("%s %s answered twice", cycle.method, cycle.path)
             return
         cycle.response_complete = True
+        cycle.release()
         if self._running is cycle:
             self._running = None
         if self.transport.is_closing():

@@ -324,6 +324,7 @@ class _Waiting:
     def _finish(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None  # it refers back to us: no reference cycle for the GC to find
         results: list[dict[str, Any] | None] = []
         for task in self.tasks:
             outcome = self.outcomes[task.id]
