@@ -224,6 +224,8 @@ class Protocol(HttpToolsProtocol):
             self._running = None
         if self.transport.is_closing():
             return
+        if cycle.keep_alive and self.app_state["dispatcher"].closing:
+            cycle.keep_alive = False  # shutting down: this connection's last answer
         if self.access_log:
             self.access_logger.info('%s - "%s %s HTTP/%s" %d', self.client and self.client[0],
                                     cycle.method, cycle.path, self.parser.get_http_version()

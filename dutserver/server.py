@@ -15,6 +15,7 @@ import uvicorn
 
 from dutserver.app import create_app
 from dutserver.config import Settings
+from dutserver.dispatcher import Dispatcher
 from dutserver.protocol import Protocol
 
 log = logging.getLogger("dutserver")
@@ -37,11 +38,20 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         dispatcher = getattr(getattr(self.config.app, "state", None), "dispatcher", None)
         if dispatcher is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(dispatcher.close)
+            self._loop.call_soon_threadsafe(self._drain, dispatcher)
         if not self.should_exit:
             log.info("stop signal %s: answering parked polls, finishing requests", sig)
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    def _drain(self, dispatcher: Dispatcher) -> None:
+        """Stop taking connections at once, then answer every parked poll (the protocol closes
+        each connection after its answer while the dispatcher is closing). Otherwise 10,000
+        agents answered {} poll again at once, on their open connections or new ones, and keep
+        the loop too busy to get on with the shutdown for seconds."""
+        for server in getattr(self, "servers", ()):
+            server.close()
+        dispatcher.close()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

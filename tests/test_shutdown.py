@@ -1,4 +1,5 @@
-"""SIGTERM: parked polls are answered at once, in-flight requests finish, the process exits."""
+"""SIGTERM: parked polls are answered at once (and their connections closed), in-flight requests
+finish, the process exits."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ async def test_sigterm_with_1000_parked_polls_exits_within_2_s(tmp_path: Path) -
     elapsed = time.monotonic() - started
     assert all(not isinstance(a, BaseException) and a.status == 200 and a.json() == {}
                for a in answers), [a for a in answers if isinstance(a, BaseException)][:3]
+    # Each answer is its connection's last: agents reconnect to the next server process rather
+    # than poll the stopping one again and again.
+    assert all(a.close for a in answers if not isinstance(a, BaseException))
     assert code == 0
     assert elapsed < 2.0, f"took {elapsed:.2f} s to stop"
 
