@@ -1,0 +1,112 @@
+"""The hot path's own cost, without sockets: CPU per round trip of the three direct handlers
+(poll, blocking submit, result) against the real store, auth, dispatcher and tasks.
+
+    python -m bench.inprocess [--agents 64] [--waves 300]
+
+Each wave: every agent polls, the admin submits one ping to each, each agent posts its result
+once its poll is answered; the wave ends when every submit is answered. What the server spends
+on sockets, HTTP parsing and the event loop's I/O is not in this figure (see README: the
+direct-path /healthz). Run it under py-spy to see where the rest goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from dutserver.auth import Auth, hash_secret
+from dutserver.config import Settings
+from dutserver.dispatcher import Dispatcher
+from dutserver.protocol import DirectCycle, DirectRequest
+from dutserver.routes import classic
+from dutserver.routes.common import Reply
+from dutserver.store import Store, account_add
+from dutserver.tasks import Tasks
+
+
+async def measure(agents: int, waves: int) -> dict[str, float]:
+    settings = Settings(db_path=Path(tempfile.mkdtemp(prefix="dutbench-")) / "dut.db")
+    db = Store(settings.db_path, settings.sqlite_synchronous, settings.commit_interval_ms / 1000)
+    await db.open()
+    auth = Auth(settings, db)
+    await auth.load()
+    for i in range(agents):
+        digest = hash_secret("agent", f"secret-{i}-0123456789", auth.key)
+        await db.write(lambda c, i=i, d=digest: account_add(c, f"a{i}", "agent", d, 1))
+    digest = hash_secret("admin", "adminpass1", auth.key)
+    await db.write(lambda c: account_add(c, "admin", "admin", digest, 1))
+    await auth.refresh()
+    token = await auth.login("admin", "adminpass1", "127.0.0.1")
+    dispatcher = Dispatcher(settings.online_grace_s)
+    tasks = Tasks(settings, db, dispatcher, auth)
+    await tasks.recover()
+    state = {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,
+             "tasks": tasks}
+    agent_headers = [[(b"authorization", b"Basic " + base64.b64encode(
+        f"a{i}:secret-{i}-0123456789".encode())), (b"user-agent", b"dutagent/bench")]
+        for i in range(agents)]
+    admin_headers = [(b"authorization", token.encode())]
+    answered = 0
+
+    def request(method: str, path: str, headers: list[tuple[bytes, bytes]],
+                query: bytes = b"") -> DirectRequest:
+        cycle = DirectCycle(None, method, path, headers, query, True, False)  # type: ignore[arg-type]
+        return DirectRequest(cycle, state, "127.0.0.1")
+
+    def round_trip(i: int) -> None:
+        def polled(reply: Reply | BaseException) -> None:
+            assert isinstance(reply, Reply), reply
+            task_id = json.loads(reply.body)["id"]
+            classic.post_result(request("POST", "/tasks_result", agent_headers[i],
+                                        b"id=%d" % task_id), b'{"pong": true}', ignore)
+
+        def submitted(reply: Reply | BaseException) -> None:
+            nonlocal answered
+            assert isinstance(reply, Reply) and reply.status == 200, reply
+            answered += 1
+
+        classic.poll_task(request("GET", "/tasks", agent_headers[i]), b"", polled)
+        classic.submit_task(request("POST", "/tasks", admin_headers, b"target=a%d" % i),
+                            b'{"type": "ping"}', submitted)
+
+    async def run(count: int) -> None:
+        for _ in range(count):
+            goal = answered + agents
+            for i in range(agents):
+                round_trip(i)
+            while answered < goal:
+                await asyncio.sleep(0)
+
+    await run(20)  # warm-up
+    cpu0, commits0, done0 = time.process_time(), db.writer.commits, answered
+    await run(waves)
+    cpu = time.process_time() - cpu0
+    n = answered - done0
+    await db.close()
+    return {"round_trips": n, "us_per_round_trip": round(cpu / n * 1e6, 1),
+            "round_trips_per_commit": round(n / (db.writer.commits - commits0), 1)}
+
+
+def ignore(_: object) -> None:
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.inprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, default=64)
+    p.add_argument("--waves", type=int, default=300)
+    args = p.parse_args()
+    print(json.dumps({"scenario": "inprocess", "agents": args.agents,
+                      **uvloop.run(measure(args.agents, args.waves))}))
+
+
+if __name__ == "__main__":
+    main()
