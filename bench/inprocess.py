@@ -17,7 +17,9 @@ import base64
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -31,11 +33,28 @@ from dutserver.store import Store, account_add
 from dutserver.tasks import Tasks
 
 
-async def measure(agents: int, waves: int) -> dict[str, float]:
-    settings = Settings(db_path=Path(tempfile.mkdtemp(prefix="dutbench-")) / "dut.db")
-    db = Store(settings.db_path, settings.sqlite_synchronous, settings.commit_interval_ms / 1000)
+@dataclass
+class HotPath:
+    """The server's services without its sockets, and requests for the direct handlers."""
+
+    state: dict[str, Any]
+    db: Store
+    agent_headers: list[list[tuple[bytes, bytes]]]
+    admin_headers: list[tuple[bytes, bytes]]
+
+    def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]],
+                query: bytes = b"") -> tuple[DirectRequest, DirectCycle]:
+        cycle = DirectCycle(None, method, path, headers, query, True, False)  # type: ignore[arg-type]
+        return DirectRequest(cycle, self.state, "127.0.0.1"), cycle
+
+
+async def hot_path(db_path: Path, agents: int, **settings: Any) -> HotPath:
+    """A store, auth, dispatcher and tasks as the lifespan builds them, with agents a0 … aN-1
+    and an admin session."""
+    s = Settings(db_path=db_path, **settings)
+    db = Store(s.db_path, s.sqlite_synchronous, s.commit_interval_ms / 1000)
     await db.open()
-    auth = Auth(settings, db)
+    auth = Auth(s, db)
     await auth.load()
     for i in range(agents):
         digest = hash_secret("agent", f"secret-{i}-0123456789", auth.key)
@@ -44,21 +63,26 @@ async def measure(agents: int, waves: int) -> dict[str, float]:
     await db.write(lambda c: account_add(c, "admin", "admin", digest, 1))
     await auth.refresh()
     token = await auth.login("admin", "adminpass1", "127.0.0.1")
-    dispatcher = Dispatcher(settings.online_grace_s)
-    tasks = Tasks(settings, db, dispatcher, auth)
+    dispatcher = Dispatcher(s.online_grace_s)
+    tasks = Tasks(s, db, dispatcher, auth)
     await tasks.recover()
-    state = {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,
-             "tasks": tasks}
-    agent_headers = [[(b"authorization", b"Basic " + base64.b64encode(
-        f"a{i}:secret-{i}-0123456789".encode())), (b"user-agent", b"dutagent/bench")]
-        for i in range(agents)]
-    admin_headers = [(b"authorization", token.encode())]
+    return HotPath(
+        {"settings": s, "store": db, "auth": auth, "dispatcher": dispatcher, "tasks": tasks}, db,
+        [[(b"authorization", b"Basic " + base64.b64encode(
+            f"a{i}:secret-{i}-0123456789".encode())), (b"user-agent", b"dutagent/bench")]
+         for i in range(agents)],
+        [(b"authorization", token.encode())])
+
+
+async def measure(agents: int, waves: int) -> dict[str, float]:
+    hot = await hot_path(Path(tempfile.mkdtemp(prefix="dutbench-")) / "dut.db", agents)
+    db = hot.db
+    agent_headers, admin_headers = hot.agent_headers, hot.admin_headers
     answered = 0
 
     def request(method: str, path: str, headers: list[tuple[bytes, bytes]],
                 query: bytes = b"") -> DirectRequest:
-        cycle = DirectCycle(None, method, path, headers, query, True, False)  # type: ignore[arg-type]
-        return DirectRequest(cycle, state, "127.0.0.1")
+        return hot.request(method, path, headers, query)[0]
 
     def round_trip(i: int) -> None:
         def polled(reply: Reply | BaseException) -> None:

@@ -10,7 +10,6 @@ Servers run under `taskset -c 0`, this generator on core 1. Progress goes to std
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.durable import DurableSizes, durable
-from bench.env import Env, log
+from bench.env import run_on_uvloop, Env, log
 from bench.fanout import FanoutSizes, fanout
 from bench.idle import IdleSizes, idle
 from bench.servers import pin_generator, raise_fd_limit
@@ -145,12 +144,7 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        import uvloop  # the generator costs less CPU per request on uvloop
-    except ImportError:
-        return asyncio.run(main(args))
-    return uvloop.run(main(args))
+    return run_on_uvloop(main(parse_args(argv)))
 
 
 if __name__ == "__main__":

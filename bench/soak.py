@@ -29,7 +29,7 @@ from typing import Any
 from bench.actors import TRANSIENT, AgentCounters
 from bench.drive import Stats
 from bench.durable import _drain
-from bench.env import Env, log
+from bench.env import run_on_uvloop, Env, log
 from bench.loadgen import Connection, error_kind
 from bench.servers import pin_generator, proc_rss_kb, raise_fd_limit
 
@@ -317,12 +317,7 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main(args))
-    return uvloop.run(main(args))
+    return run_on_uvloop(main(parse_args(argv)))
 
 
 if __name__ == "__main__":

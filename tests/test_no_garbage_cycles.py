@@ -6,7 +6,6 @@ up must all be freed by reference counting alone."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import json
 from collections import Counter
@@ -14,15 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dutserver.auth import Auth, hash_secret
-from dutserver.config import Settings
-from dutserver.dispatcher import Dispatcher
+from bench.inprocess import hot_path
 from dutserver.errors import ApiError
-from dutserver.protocol import DirectCycle, DirectRequest
+from dutserver.protocol import DirectCycle
 from dutserver.routes import classic
 from dutserver.routes.common import Reply
-from dutserver.store import Store, account_add
-from dutserver.tasks import Tasks
 
 AGENTS = 8
 HOT_TYPES = {"Poll", "_Waiting", "Future", "TimerHandle", "Task", "DirectCycle",
@@ -30,29 +25,9 @@ HOT_TYPES = {"Poll", "_Waiting", "Future", "TimerHandle", "Task", "DirectCycle",
 
 
 async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
-    settings = Settings(db_path=tmp_path / "dut.db", poll_timeout_s=0.05)
-    db = Store(settings.db_path, settings.sqlite_synchronous, 0.001)
-    await db.open()
-    auth = Auth(settings, db)
-    await auth.load()
-    for i in range(AGENTS):
-        digest = hash_secret("agent", f"secret-{i}-0123456789", auth.key)
-        await db.write(lambda c, i=i, d=digest: account_add(c, f"a{i}", "agent", d, 1))
-    digest = hash_secret("admin", "adminpass1", auth.key)
-    await db.write(lambda c: account_add(c, "admin", "admin", digest, 1))
-    await auth.refresh()
-    token = await auth.login("admin", "adminpass1", "127.0.0.1")
-    dispatcher = Dispatcher(5)
-    tasks = Tasks(settings, db, dispatcher, auth)
-    await tasks.recover()
-    state = {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,
-             "tasks": tasks}
+    hot = await hot_path(tmp_path / "dut.db", AGENTS, poll_timeout_s=0.05)
+    db, request = hot.db, hot.request
     answers: list[Reply] = []
-
-    def request(method: str, path: str, headers: list[tuple[bytes, bytes]],
-                query: bytes = b"") -> tuple[DirectRequest, DirectCycle]:
-        cycle = DirectCycle(None, method, path, headers, query, True, False)  # type: ignore[arg-type]
-        return DirectRequest(cycle, state, "127.0.0.1"), cycle
 
     def responder(cycle: DirectCycle, then: Callable[[Reply], Any] | None = None) -> Any:
         def respond(outcome: Reply | BaseException) -> None:
@@ -66,10 +41,9 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
         return respond
 
     def agent(i: int) -> list[tuple[bytes, bytes]]:
-        secret = base64.b64encode(f"a{i}:secret-{i}-0123456789".encode())
-        return [(b"authorization", b"Basic " + secret)]
+        return hot.agent_headers[i]
 
-    admin = [(b"authorization", token.encode())]
+    admin = hot.admin_headers
 
     def round_trip(i: int) -> None:
         def answer(reply: Reply) -> None:
