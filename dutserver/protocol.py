@@ -28,6 +28,7 @@ from dutserver.routes.common import (DirectHandler, Endpoint, Reply, Request, er
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 log = logging.getLogger("dutserver.http")
+_MALFORMED = Reply(400, ApiError(400, "Malformed HTTP request").body(), b"application/json")
 
 
 class _NoEvent:
@@ -235,6 +236,13 @@ class Protocol(HttpToolsProtocol):
             self.on_response_complete()
         else:
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refused: answered in the error shape like every other error
+        (uvicorn's own answer is text/plain), then the connection closes."""
+        log.info("malformed HTTP request from %s: %s", self.client and self.client[0], msg)
+        self.transport.write(render(_MALFORMED, head=False, keep_alive=False))
+        self.transport.close()
 
     # Keep-alive: uvicorn arms a timer after every response and cancels it with the next request,
     # two timer-handle operations per request. Here one timer per connection checks, when it

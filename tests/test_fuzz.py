@@ -108,7 +108,7 @@ def q(value: str | bytes) -> str:
 # --- strategies --------------------------------------------------------------------------------
 
 # Header values: printable latin-1 (http.client refuses CR/LF; the HTTP parser refuses other
-# controls with a plain-text 400 before the app runs, see test_control_characters_…).
+# controls with a 400 before the app runs, see test_control_characters_…).
 header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
                                     exclude_characters="\x7f"), max_size=200)
 name_secret = st.tuples(st.text(max_size=40), st.text(max_size=60))
@@ -312,6 +312,8 @@ def test_control_characters_in_headers_never_crash(fz: Fuzzed) -> None:
                 data += chunk
         status_line = data.split(b"\r\n", 1)[0]
         assert status_line.startswith(b"HTTP/1.1 4"), (value, data[:300])
+        body = json.loads(data.partition(b"\r\n\r\n")[2])  # the error shape, even here
+        assert body["error"] is True and isinstance(body["msg"], str), (value, body)
     wait_until(lambda: http("GET", f"{fz.srv.url}/healthz", timeout=2)[0] == 200)
 
 

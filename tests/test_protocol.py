@@ -157,8 +157,10 @@ def test_keep_alive_carries_many_requests_on_one_connection(srv: RunningServer) 
 def test_malformed_request_gets_400_and_others_are_served(srv: RunningServer) -> None:
     with connect(srv) as sock:
         sock.sendall(b"GET /tasks HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
-        status, _, _ = read_response(sock, bytearray())
-    assert status == 400
+        status, headers, body = read_response(sock, bytearray())
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body) == {"error": True, "msg": "Malformed HTTP request"}
+    assert headers["x-content-type-options"] == "nosniff"
     assert http("GET", f"{srv.url}/healthz")[0] == 200
 
 
