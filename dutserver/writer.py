@@ -8,12 +8,13 @@ and a request that must be durable waits for its batch's commit, not for a commi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 log = logging.getLogger("dutserver.store")
@@ -111,6 +112,7 @@ class InlineGroupCommitWriter:
         self._scheduled = False
         self._interval_s = interval_s
         self._last_commit = float("-inf")
+        self._held = False
         self.commits = 0
 
     def start(self) -> None:
@@ -132,6 +134,19 @@ class InlineGroupCommitWriter:
     async def barrier(self) -> None:
         await self.write(_noop)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No commits inside (writes queue up and go in one batch after): lets a checkpoint
+        in the reader thread catch up with the WAL's end, so that the WAL can start over."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            if self._pending:
+                self._scheduled = False
+                self._schedule()
+
     def _schedule(self) -> None:
         if not self._scheduled and self._loop is not None:
             self._scheduled = True
@@ -152,6 +167,8 @@ class InlineGroupCommitWriter:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._held:
+            return  # held() schedules it again when it ends
         self._scheduled = False
         if not self._pending or self._conn is None:
             return
@@ -163,6 +180,7 @@ class InlineGroupCommitWriter:
         _resolve(waited)
 
     def stop(self) -> None:
+        self._held = False
         self._flush()
         if self._conn is not None:
             self._conn.close()
