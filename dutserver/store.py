@@ -182,7 +182,7 @@ class Store:
     """The database as the server uses it: group-committed writes, reads on a reader thread."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL",
-                 commit_interval_s: float = 0.0, wal_restart_bytes: int = 16 * 1024 * 1024) -> None:
+                 commit_interval_s: float = 0.0, wal_restart_bytes: int = 64 * 1024 * 1024) -> None:
         self.path = path
         self.wal_restart_bytes = wal_restart_bytes
         self._synchronous = synchronous
@@ -231,9 +231,9 @@ class Store:
         """Copies the WAL into the database, on the reader thread (the loop never waits for
         the fsyncs of a checkpoint). Under steady writes such a pass never quite catches up
         with the writer, and a WAL that is never caught up never starts over: it grew without
-        end (850 MB after 150,000 round trips). So once it is past `wal_restart_bytes`, a
-        second pass runs with commits held, which copies the little that the first pass left;
-        the next commit then writes the WAL from its start again."""
+        end (850 MB after 150,000 round trips). So once it is past `wal_restart_bytes`, one
+        more pass catches up with what came in meanwhile, and a last one runs with commits
+        held, copying the little left; the next commit writes the WAL from its start again."""
         if not isinstance(self.writer, InlineGroupCommitWriter):
             return  # the writer thread checkpoints itself (wal_autocheckpoint)
         await self.read(checkpoint)
@@ -242,6 +242,7 @@ class Store:
         except FileNotFoundError:
             return
         if wal_bytes > self.wal_restart_bytes:
+            await self.read(checkpoint)  # what came in during the first: the held pass is short
             with self.writer.held():
                 await self.read(checkpoint)
 
