@@ -1,4 +1,4 @@
-"""Per-agent queues, parked polls, waiting submitters and online status. Pure asyncio.
+"""Per-agent queues, parked polls and online status. Plain Python on the event loop's thread.
 
 Knows nothing of HTTP or SQL: tasks.py decides what a hand-off means and records it; this module
 only makes sure that a queued task meets a waiting poll without a database round trip between.

@@ -1,9 +1,11 @@
-"""A thin request/reply layer over raw ASGI, shared by every route module.
+"""A thin request/reply layer shared by every route module, under two ways in.
 
-Starlette routes requests here, but the handlers speak raw ASGI: the hot path (polls, submits,
-results) must cost less than a hello-world request through a full framework stack, and long
-polls must watch for `http.disconnect` themselves (uvicorn does not cancel a handler whose
-client went away).
+Handlers see a Request and give a Reply. A request comes either through ASGI (Starlette's
+router, or any ASGI server: AsgiRequest watches for `http.disconnect` itself, since uvicorn does
+not cancel a handler whose client went away), or on the direct path of dutserver/protocol.py,
+which calls an Endpoint's handler without ASGI. Direct handlers (@direct: polls, submits,
+results) answer through a callback instead of returning, so the hot path needs no task per
+request; Endpoint runs them on the ASGI path too.
 """
 
 from __future__ import annotations
