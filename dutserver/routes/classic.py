@@ -119,7 +119,7 @@ def submit_task(req: Request, body: bytes, respond: Respond) -> None:
     task = parse_json(body)
     auth: Auth = req.state["auth"]
 
-    def submit() -> None:
+    def submit(_: object = None) -> None:
         req.state["tasks"].submit_and_wait(targets, task, user, timeout_s, req.gone(),
                                            req.address, answer)
 
@@ -143,18 +143,14 @@ def poll_task(req: Request, body: bytes, respond: Respond) -> None:
     """The agent's long-poll: the oldest queued task, or {} when the poll times out."""
     auth: Auth = req.state["auth"]
     agent = auth.agent_known(req.header(b"authorization"), req.address)
-    if agent is None:  # maybe added or changed by the CLI a moment ago
+    if agent is None:  # maybe added or changed by the CLI a moment ago: 403 or known now
         after(auth.agent(req.header(b"authorization"), req.address), respond,
-              lambda: _poll(req, respond, auth.agent_known(req.header(b"authorization"),
-                                                           req.address)))
+              lambda known: _poll(req, respond, known))
         return
     _poll(req, respond, agent)
 
 
-def _poll(req: Request, respond: Respond, agent: str | None) -> None:
-    if agent is None:
-        respond(ApiError(403, "Authorization failure"))
-        return
+def _poll(req: Request, respond: Respond, agent: str) -> None:
     dispatcher = req.state["dispatcher"]
     slot = dispatcher.poll_started(agent, req.address, agent_version(req))
     gone = req.gone()
@@ -173,7 +169,7 @@ def post_result(req: Request, body: bytes, respond: Respond) -> None:
     agent = auth.agent_known(req.header(b"authorization"), req.address)
     if agent is None:
         after(auth.agent(req.header(b"authorization"), req.address), respond,
-              lambda: post_result(req, body, respond))  # known now, or refused
+              lambda _: post_result(req, body, respond))  # known now, or refused
         return
     raw_id = req.query.get("id", "")
     if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:

@@ -15,7 +15,7 @@ import json
 import logging
 from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +24,7 @@ from dutserver import codec
 from dutserver.errors import ApiError
 
 log = logging.getLogger("dutserver.http")
+T = TypeVar("T")
 
 
 
@@ -241,16 +242,16 @@ def is_direct(handler: object) -> bool:
     return getattr(handler, "direct", False) is True
 
 
-def after(awaitable: Awaitable[Any], respond: Respond, then: Callable[[], None]) -> None:
+def after(awaitable: Awaitable[T], respond: Respond, then: Callable[[T], None]) -> None:
     """The slow way round for a direct handler (a database read first): runs awaitable as a
-    task, then `then()`; an exception from either is the answer."""
-    def done(task: asyncio.Future[Any]) -> None:
+    task, then `then(its result)`; an exception from either is the answer."""
+    def done(task: asyncio.Future[T]) -> None:
         failed = None if task.cancelled() else task.exception()
         if failed is not None:
             respond(failed)
             return
         try:
-            then()
+            then(task.result())
         except Exception as exc:
             respond(exc)
     asyncio.ensure_future(awaitable).add_done_callback(done)
