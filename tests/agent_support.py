@@ -23,6 +23,9 @@ from support import PYTHON, ROOT, RunningServer, http, stop_process, wait_until
 
 AGENT_PY = ROOT / "cli" / "dutagent.py"
 AGENT_SECRET = "agent-secret-0123456789"
+# Each agent runs in a directory named after it, so this command tells them apart:
+# lab-3 prints something else and fails, the others agree.
+SPLIT_COMMAND = 'if [ "${PWD##*/}" = lab-3 ]; then echo odd one; exit 3; fi; echo same text'
 
 # Retry delays in milliseconds instead of seconds, so that tests of failures stay fast.
 FAST_AGENT_ARGS = [

@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_support import SPLIT_COMMAND
 from support import PYTHON, start_server, wait_until
 from test_dutctl import DUTCTL, Agents, Ctl, logged_in_ctl
-
-# Each agent runs in a directory named after it, so this command tells them apart:
-# lab-3 prints something else and fails, the others agree.
-SPLIT_COMMAND = 'if [ "${PWD##*/}" = lab-3 ]; then echo odd one; exit 3; fi; echo same text'
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,6 @@ from web_support import (
 expect = pytest.importorskip(
     "playwright.sync_api", reason="the playwright Python package is not installed").expect
 
-# Each agent runs in a directory named after it, so this command tells them apart:
-# lab-3 prints something else and fails, the others agree.
-SPLIT_COMMAND = 'if [ "${PWD##*/}" = lab-3 ]; then echo odd one; exit 3; fi; echo same text'
-
 
 # --- sessions ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_support import SPLIT_COMMAND
 from support import RunningServer, wait_until
 from web_support import (
     HOSTILE,
@@ -31,10 +32,6 @@ from web_support import (
 
 expect = pytest.importorskip(
     "playwright.sync_api", reason="the playwright Python package is not installed").expect
-
-# Each agent runs in a directory named after it, so this command tells them apart:
-# lab-3 prints something else and fails, the others agree.
-SPLIT_COMMAND = 'if [ "${PWD##*/}" = lab-3 ]; then echo odd one; exit 3; fi; echo same text'
 
 
 # --- one agent -----------------------------------------------------------------------------
