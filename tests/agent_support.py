@@ -53,13 +53,14 @@ class AgentProcess:
         log: Path,
         env: dict[str, str] | None = None,
         python: str = PYTHON,
+        program: Path = AGENT_PY,
         **popen: Any,
     ) -> None:
         self.log = log
         self.argv = argv
         with open(log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [python, str(AGENT_PY), *argv],
+                [python, str(program), *argv],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -8,6 +8,8 @@ import datetime
 import getpass
 import hashlib
 import os
+import shutil
+import tempfile
 import socket
 import stat
 import subprocess
@@ -467,7 +469,8 @@ def test_inventory_reports_the_machine_and_the_server_keeps_it(admin: Admin) -> 
 
 
 def test_permission_errors_are_clear(
-    env: tuple[RunningServer, Admin, AgentProcess], tmp_path: Path
+    env: tuple[RunningServer, Admin, AgentProcess], tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A second agent runs unprivileged (as `nobody` when the tests run as root)."""
     server, admin, _ = env
@@ -482,7 +485,16 @@ def test_permission_errors_are_clear(
         # nobody may not enter /root, where the test's own interpreter lives.
         if not os.access("/usr/bin/python3", os.X_OK):
             pytest.skip("no /usr/bin/python3 to run an unprivileged agent with")
-        extra.update(user="nobody", python="/usr/bin/python3", env=agent_env(HOME="/nonexistent"))
+        # Nor a checkout under a 0700 directory (mktemp -d, pytest's own temp dirs): it runs
+        # a copy in a directory of its own that anyone may read, as on a PC.
+        shelf = Path(tempfile.mkdtemp(prefix="dutagent-"))
+        request.addfinalizer(lambda: shutil.rmtree(shelf, ignore_errors=True))
+        os.chmod(shelf, 0o755)
+        program = shelf / "dutagent.py"
+        shutil.copy(AGENT_PY, program)
+        os.chmod(program, 0o644)
+        extra.update(user="nobody", python="/usr/bin/python3", program=program,
+                     env=agent_env(HOME="/nonexistent"))
         os.chmod(tmp_path, 0o755)
     else:
         os.chmod(secret_file, 0)
