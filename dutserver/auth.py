@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -159,6 +159,7 @@ class Auth:
         # Keyed once: OpenSSL 3 spends more on setting up an HMAC than on hashing a secret.
         self._agent_mac = hmac.new(self.key, digestmod=hashlib.sha256)
         self.accounts: dict[str, Account] = {}
+        self._verified: dict[str, Account] = {}  # Authorization header -> the agent it proved
         self.sessions: dict[str, Session] = {}
         self.throttle = Throttle(settings)
         self._rev = -1
@@ -213,11 +214,27 @@ class Auth:
     def agent_known(self, header: str | None, address: str) -> str | None:
         """The agent named by an Authorization header if the accounts in memory say so; None
         when they cannot tell (then `agent` looks again after a refresh). Raises when banned."""
+        acc = self._verified.get(header) if header else None
+        if acc is not None and self.accounts.get(acc.name) is acc:
+            self.throttle.check(acc.name, address)
+            return acc.name
         name, secret = parse_credentials(header)
         if name is None:
             raise ApiError(403, "Authorization failure")
         self.throttle.check(name, address)
-        return name if self._agent_matches(name, self._agent_digest(secret)) else None
+        if not self._agent_matches(name, self._agent_digest(secret)):
+            return None
+        self._remember(cast(str, header), self.accounts[name])
+        return name
+
+    def _remember(self, header: str, acc: Account) -> None:
+        """An agent polls with the same header every time: once it matched, the exact same
+        header string stands for that account for as long as the account object is the one in
+        memory (a refresh after any change replaces them all). That skips the HMAC and the
+        base64 of every later poll; only a header that matched gets in, so it stays small."""
+        if len(self._verified) > 2 * len(self.accounts) + 64:
+            self._verified.clear()
+        self._verified[header] = acc
 
     async def agent(self, header: str | None, address: str) -> str:
         """The agent named by an Authorization header (Basic or classic name:secret), or 403."""

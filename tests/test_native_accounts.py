@@ -173,6 +173,7 @@ def test_change_admin_password_ends_its_sessions(shared: RunningServer, token: s
 
 def test_change_agent_secret(shared: RunningServer, token: str) -> None:
     agent = add_agent(shared, token)
+    assert _poll_status(shared, agent.name, agent.secret) == 200  # its header is known now
     status, doc = api(shared, "POST", f"/api/v1/accounts/{agent.name}/password",
                       {"password": "the-new-agent-secret"}, token)
     assert status == 200, doc
@@ -210,6 +211,11 @@ def test_remove_admin_ends_its_sessions(shared: RunningServer, token: str) -> No
 
 def test_remove_agent_cancels_its_queued_tasks(shared: RunningServer, token: str) -> None:
     agent = add_agent(shared, token)
+    status, doc = api(shared, "POST", "/api/v1/tasks",
+                      {"targets": [agent.name], "task": {"type": "ping"}}, token)
+    assert status == 202
+    task_id = doc["tasks"][0]["id"]
+    assert _poll_status(shared, agent.name, agent.secret) == 200  # gets the task; header known
     status, doc = api(shared, "POST", "/api/v1/tasks",
                       {"targets": [agent.name], "task": {"type": "ping"}}, token)
     assert status == 202
