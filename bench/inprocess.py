@@ -44,7 +44,7 @@ class HotPath:
 
     def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]],
                 query: bytes = b"") -> tuple[DirectRequest, DirectCycle]:
-        cycle = DirectCycle(None, method, path, headers, query, True, False)  # type: ignore[arg-type]
+        cycle = DirectCycle(None, method, path.encode(), headers, query, True, False)  # type: ignore[arg-type]
         return DirectRequest(cycle, self.state, "127.0.0.1"), cycle
 
 

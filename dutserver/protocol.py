@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dutserver.errors import ApiError
-from dutserver.routes.common import (DirectHandler, Endpoint, Reply, Request, error_reply,
-                                      is_direct, render, too_large)
+from dutserver.routes.common import Endpoint, Reply, Request, error_reply, render, too_large
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 log = logging.getLogger("dutserver.http")
@@ -43,17 +42,17 @@ class DirectCycle:
     """One request on the direct path, from its headers to its reply."""
 
     __slots__ = ("_gone", "body", "complete", "disconnected", "endpoint", "error",
-                 "expect_continue", "headers", "keep_alive", "method", "path", "query",
+                 "expect_continue", "headers", "keep_alive", "method", "query", "raw_path",
                  "response_complete", "size", "started")
 
     message_event = _NoEvent()
 
-    def __init__(self, endpoint: Endpoint, method: str, path: str,
+    def __init__(self, endpoint: Endpoint, method: str, raw_path: bytes,
                  headers: list[tuple[bytes, bytes]], query: bytes, keep_alive: bool,
                  expect_continue: bool) -> None:
         self.endpoint = endpoint
         self.method = method
-        self.path = path
+        self.raw_path = raw_path
         self.headers = headers
         self.query = query
         self.keep_alive = keep_alive
@@ -73,6 +72,11 @@ class DirectCycle:
             if self.disconnected:
                 self._gone.set_result(None)
         return self._gone
+
+    @property
+    def path(self) -> str:
+        """For the log and the error replies only: the hot path never decodes it."""
+        return self.raw_path.decode("ascii", "replace")
 
     def release(self) -> None:
         """Answered: what waited for a hang-up (through closures that lead back here) goes, so
@@ -106,29 +110,43 @@ class Protocol(HttpToolsProtocol):
     cycle: Any
     _running: DirectCycle | None = None
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        client = self.client
+        self.address = str(client[0]) if client else "unknown"
+        self.endpoints: dict[bytes, Endpoint] = self.app_state.get("endpoints") or {}
+        self.body_max_bytes: int = self.app_state["settings"].body_max_bytes
+        self.dispatcher = self.app_state["dispatcher"]
+
     def on_message_begin(self) -> None:
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
         self.scope = None  # type: ignore[assignment]  # built only for the ASGI path
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))  # Expect: looked for once they are all in
+
     def on_headers_complete(self) -> None:
-        endpoints = self.app_state.get("endpoints")
+        declared = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                declared = value
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
         url = httptools.parse_url(self.url)
-        endpoint = endpoints.get(url.path) if endpoints else None
-        if endpoint is None or self.parser.should_upgrade():
+        endpoint = self.endpoints.get(url.path)
+        parser = self.parser
+        if endpoint is None or parser.should_upgrade():
             self._asgi_headers_complete()
             return
-        parser = self.parser
-        http_version = parser.get_http_version()
-        method = parser.get_method().decode("ascii")
-        cycle = DirectCycle(endpoint, method, url.path.decode("ascii"), self.headers,
-                            url.query or b"", http_version != "1.0" and parser.should_keep_alive(),
+        cycle = DirectCycle(endpoint, parser.get_method().decode("ascii"), url.path,
+                            self.headers, url.query or b"",
+                            parser.should_keep_alive() and parser.get_http_version() != "1.0",
                             self.expect_100_continue)
-        limit = self.app_state["settings"].body_max_bytes
-        for name, value in self.headers:  # the parser has checked its syntax already
-            if name == b"content-length" and (len(value) > 18 or int(value) > limit):
-                cycle.error = too_large(limit)
+        limit = self.body_max_bytes  # the parser has checked the length's syntax already
+        if declared is not None and (len(declared) > 18 or int(declared) > limit):
+            cycle.error = too_large(limit)
         previous = self.cycle
         self.cycle = cycle
         if previous is None or previous.response_complete:
@@ -153,7 +171,7 @@ class Protocol(HttpToolsProtocol):
         if cycle.error is not None or cycle.response_complete:
             return
         cycle.size += len(body)
-        limit = self.app_state["settings"].body_max_bytes
+        limit = self.body_max_bytes
         if cycle.size > limit:
             cycle.body.clear()
             cycle.error = too_large(limit)
@@ -188,14 +206,13 @@ class Protocol(HttpToolsProtocol):
 
     def _run(self, cycle: DirectCycle) -> None:
         self._running = cycle
-        client = self.client
-        request = DirectRequest(cycle, self.app_state, str(client[0]) if client else "unknown")
+        request = DirectRequest(cycle, self.app_state, self.address)
         if cycle.error is not None:
             cycle.keep_alive = False  # the rest of the body is not read
             self._respond(cycle, error_reply(request, cycle.path, cycle.error))
             return
-        handler = cycle.endpoint.handlers.get(cycle.method)
-        if not is_direct(handler):
+        handler = cycle.endpoint.direct_handlers.get(cycle.method)
+        if handler is None:
             task = self.loop.create_task(self._serve(cycle, request))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
@@ -208,7 +225,7 @@ class Protocol(HttpToolsProtocol):
             self._respond(cycle, outcome)
 
         try:
-            cast(DirectHandler, handler)(request, b"".join(cycle.body), respond)
+            handler(request, b"".join(cycle.body), respond)
         except Exception as exc:
             respond(exc)
 
@@ -225,7 +242,7 @@ class Protocol(HttpToolsProtocol):
             self._running = None
         if self.transport.is_closing():
             return
-        if cycle.keep_alive and self.app_state["dispatcher"].closing:
+        if cycle.keep_alive and self.dispatcher.closing:
             cycle.keep_alive = False  # shutting down: this connection's last answer
         if self.access_log:
             self.access_logger.info('%s - "%s %s HTTP/%s" %d', self.client and self.client[0],

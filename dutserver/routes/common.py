@@ -208,7 +208,11 @@ def parse_json(data: bytes) -> Any:
     """A request body as JSON, or 400 with what is wrong with it."""
     try:
         # json.loads would build a new decoder for every call that passes parse_constant.
-        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+        # An object that starts as UTF-8 does ("{" and no NUL after it) is what
+        # json.detect_encoding would call UTF-8: no need to ask it.
+        encoding = "utf-8" if data[:1] == b"{" and data[1:2] != b"\x00" \
+            else json.detect_encoding(data)
+        return _DECODER.decode(data.decode(encoding, "surrogatepass"))
     except RecursionError:
         raise ApiError(400, "Invalid JSON: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -276,6 +280,9 @@ class Endpoint:
             self.handlers["HEAD"] = self.handlers["GET"]
         self.public = frozenset(public)
         self._allow = ", ".join(m for m in self.handlers if m != "HEAD")
+        # The protocol's direct path looks here first: a handler it can call in the same turn.
+        self.direct_handlers: dict[str, DirectHandler] = {
+            m: cast(DirectHandler, h) for m, h in self.handlers.items() if is_direct(h)}
 
     async def handle(self, req: Request, path: str) -> Reply:
         """The handler's reply, or the error it raised rendered in the error shape."""
