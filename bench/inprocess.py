@@ -26,7 +26,7 @@ import uvloop
 from dutserver.auth import Auth, hash_secret
 from dutserver.config import Settings
 from dutserver.dispatcher import Dispatcher
-from dutserver.protocol import DirectCycle, DirectRequest
+from dutserver.protocol import DirectRequest
 from dutserver.routes import classic
 from dutserver.routes.common import Reply
 from dutserver.store import Store, account_add
@@ -43,9 +43,10 @@ class HotPath:
     admin_headers: list[tuple[bytes, bytes]]
 
     def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]],
-                query: bytes = b"") -> tuple[DirectRequest, DirectCycle]:
-        cycle = DirectCycle(None, method, path.encode(), headers, query, True, False)  # type: ignore[arg-type]
-        return DirectRequest(cycle, self.state, "127.0.0.1"), cycle
+                query: bytes = b"") -> DirectRequest:
+        return DirectRequest(None, method, path.encode(), headers,  # type: ignore[arg-type]
+                             dict(reversed(headers)), query, True, False, self.state,
+                             "127.0.0.1")
 
 
 async def hot_path(db_path: Path, agents: int, **settings: Any) -> HotPath:
@@ -82,7 +83,7 @@ async def measure(agents: int, waves: int) -> dict[str, float]:
 
     def request(method: str, path: str, headers: list[tuple[bytes, bytes]],
                 query: bytes = b"") -> DirectRequest:
-        return hot.request(method, path, headers, query)[0]
+        return hot.request(method, path, headers, query)
 
     def round_trip(i: int) -> None:
         def polled(reply: Reply | BaseException) -> None:

@@ -38,26 +38,37 @@ class _NoEvent:
         return None
 
 
-class DirectCycle:
-    """One request on the direct path, from its headers to its reply."""
+_NO_PARAMS: dict[str, Any] = {}  # fixed paths have no path parameters (nobody writes to it)
 
-    __slots__ = ("_gone", "body", "complete", "disconnected", "endpoint", "error",
-                 "expect_continue", "headers", "keep_alive", "method", "query", "raw_path",
-                 "response_complete", "size", "started")
+
+class DirectRequest(Request):
+    """One request on the direct path, from its headers to its reply: what the handler sees
+    of it (a Request) and where the protocol keeps its progress, in one object."""
+
+    __slots__ = ("_by_name", "_gone", "chunks", "complete", "disconnected", "endpoint",
+                 "error", "expect_continue", "keep_alive", "raw_path", "response_complete",
+                 "size", "started")
 
     message_event = _NoEvent()
 
     def __init__(self, endpoint: Endpoint, method: str, raw_path: bytes,
-                 headers: list[tuple[bytes, bytes]], query: bytes, keep_alive: bool,
-                 expect_continue: bool) -> None:
-        self.endpoint = endpoint
+                 headers: list[tuple[bytes, bytes]], by_name: dict[bytes, bytes], query: bytes,
+                 keep_alive: bool, expect_continue: bool, state: dict[str, Any],
+                 address: str) -> None:
+        # Request's fields, set here rather than by its __init__: this runs for every request.
         self.method = method
-        self.raw_path = raw_path
         self.headers = headers
-        self.query = query
+        self.query_string = query
+        self.state = state
+        self.address = address
+        self.path_params = _NO_PARAMS
+        self._query = None
+        self._by_name = by_name  # header name -> its first value
+        self.endpoint = endpoint
+        self.raw_path = raw_path
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
-        self.body: list[bytes] = []
+        self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False         # the whole request is parsed
         self.started = False          # its turn has come (earlier pipelined requests answered)
@@ -65,6 +76,13 @@ class DirectCycle:
         self.response_complete = False
         self.disconnected = False
         self._gone: asyncio.Future[None] | None = None
+
+    def header(self, name: bytes) -> str | None:
+        value = self._by_name.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    async def body(self) -> bytes:
+        return b"".join(self.chunks)  # complete and within the limit: checked as parsed
 
     def gone(self) -> asyncio.Future[None]:
         if self._gone is None:
@@ -89,26 +107,12 @@ class DirectCycle:
             self._gone.set_result(None)
 
 
-class DirectRequest(Request):
-    __slots__ = ("_cycle",)
-
-    def __init__(self, cycle: DirectCycle, state: dict[str, Any], address: str) -> None:
-        super().__init__(cycle.method, cycle.headers, cycle.query, state, address)
-        self._cycle = cycle
-
-    async def body(self) -> bytes:
-        return b"".join(self._cycle.body)  # complete and within the limit: checked as parsed
-
-    def gone(self) -> asyncio.Future[None]:
-        return self._cycle.gone()
-
-
 class Protocol(HttpToolsProtocol):
     """Set as uvicorn's http protocol class by server.py. The lifespan state carries the
     Endpoints by raw path ("endpoints") and the settings (for the body limit)."""
 
     cycle: Any
-    _running: DirectCycle | None = None
+    _running: DirectRequest | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -128,23 +132,23 @@ class Protocol(HttpToolsProtocol):
         self.headers.append((name.lower(), value))  # Expect: looked for once they are all in
 
     def on_headers_complete(self) -> None:
-        declared = None
-        for name, value in self.headers:
-            if name == b"content-length":
-                declared = value
-            elif name == b"expect" and value.lower() == b"100-continue":
-                self.expect_100_continue = True
+        headers = self.headers
+        by_name = dict(reversed(headers))  # the first of repeated headers counts, as in header()
+        expect = by_name.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            self.expect_100_continue = True
         url = httptools.parse_url(self.url)
         endpoint = self.endpoints.get(url.path)
         parser = self.parser
         if endpoint is None or parser.should_upgrade():
             self._asgi_headers_complete()
             return
-        cycle = DirectCycle(endpoint, parser.get_method().decode("ascii"), url.path,
-                            self.headers, url.query or b"",
-                            parser.should_keep_alive() and parser.get_http_version() != "1.0",
-                            self.expect_100_continue)
-        limit = self.body_max_bytes  # the parser has checked the length's syntax already
+        cycle = DirectRequest(endpoint, parser.get_method().decode("ascii"), url.path, headers,
+                              by_name, url.query or b"",
+                              parser.should_keep_alive() and parser.get_http_version() != "1.0",
+                              self.expect_100_continue, self.app_state, self.address)
+        declared = by_name.get(b"content-length")  # its syntax is checked by the parser
+        limit = self.body_max_bytes
         if declared is not None and (len(declared) > 18 or int(declared) > limit):
             cycle.error = too_large(limit)
         previous = self.cycle
@@ -165,7 +169,7 @@ class Protocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
-        if not isinstance(cycle, DirectCycle):
+        if not isinstance(cycle, DirectRequest):
             super().on_body(body)
             return
         if cycle.error is not None or cycle.response_complete:
@@ -173,16 +177,16 @@ class Protocol(HttpToolsProtocol):
         cycle.size += len(body)
         limit = self.body_max_bytes
         if cycle.size > limit:
-            cycle.body.clear()
+            cycle.chunks.clear()
             cycle.error = too_large(limit)
             if cycle.started:
                 self._run(cycle)
             return
-        cycle.body.append(body)
+        cycle.chunks.append(body)
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
-        if not isinstance(cycle, DirectCycle):
+        if not isinstance(cycle, DirectRequest):
             super().on_message_complete()
             return
         if cycle.error is not None:
@@ -192,28 +196,27 @@ class Protocol(HttpToolsProtocol):
             self._run(cycle)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if isinstance(cycle, DirectCycle):
+        if isinstance(cycle, DirectRequest):
             self._begin(cycle)
         else:
             super()._start_asgi_task(cycle, app)
 
-    def _begin(self, cycle: DirectCycle) -> None:
+    def _begin(self, cycle: DirectRequest) -> None:
         cycle.started = True
         if cycle.error is not None or cycle.complete:
             self._run(cycle)
         elif cycle.expect_continue:
             self.transport.write(CONTINUE)
 
-    def _run(self, cycle: DirectCycle) -> None:
+    def _run(self, cycle: DirectRequest) -> None:
         self._running = cycle
-        request = DirectRequest(cycle, self.app_state, self.address)
         if cycle.error is not None:
             cycle.keep_alive = False  # the rest of the body is not read
-            self._respond(cycle, error_reply(request, cycle.path, cycle.error))
+            self._respond(cycle, error_reply(cycle, cycle.path, cycle.error))
             return
         handler = cycle.endpoint.direct_handlers.get(cycle.method)
         if handler is None:
-            task = self.loop.create_task(self._serve(cycle, request))
+            task = self.loop.create_task(self._serve(cycle))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
             return
@@ -221,18 +224,18 @@ class Protocol(HttpToolsProtocol):
         # The hot path: the handler answers now or from a callback, never from a task.
         def respond(outcome: Reply | BaseException) -> None:
             if isinstance(outcome, BaseException):
-                outcome = error_reply(request, cycle.path, outcome)
+                outcome = error_reply(cycle, cycle.path, outcome)
             self._respond(cycle, outcome)
 
         try:
-            handler(request, b"".join(cycle.body), respond)
+            handler(cycle, b"".join(cycle.chunks), respond)
         except Exception as exc:
             respond(exc)
 
-    async def _serve(self, cycle: DirectCycle, request: DirectRequest) -> None:
-        self._respond(cycle, await cycle.endpoint.handle(request, cycle.path))
+    async def _serve(self, cycle: DirectRequest) -> None:
+        self._respond(cycle, await cycle.endpoint.handle(cycle, cycle.path))
 
-    def _respond(self, cycle: DirectCycle, reply: Reply) -> None:
+    def _respond(self, cycle: DirectRequest, reply: Reply) -> None:
         if cycle.response_complete:
             log.error("%s %s answered twice", cycle.method, cycle.path)
             return

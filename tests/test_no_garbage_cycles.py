@@ -15,13 +15,13 @@ from typing import Any
 
 from bench.inprocess import hot_path
 from dutserver.errors import ApiError
-from dutserver.protocol import DirectCycle
+from dutserver.protocol import DirectRequest
 from dutserver.routes import classic
 from dutserver.routes.common import Reply
 
 AGENTS = 8
-HOT_TYPES = {"Poll", "_Waiting", "Future", "TimerHandle", "Task", "DirectCycle",
-             "DirectRequest", "function", "cell"}
+HOT_TYPES = {"Poll", "_Waiting", "Future", "TimerHandle", "Task", "DirectRequest",
+             "function", "cell"}
 
 
 async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
@@ -29,12 +29,12 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
     db, request = hot.db, hot.request
     answers: list[Reply] = []
 
-    def responder(cycle: DirectCycle, then: Callable[[Reply], Any] | None = None) -> Any:
+    def responder(req: DirectRequest, then: Callable[[Reply], Any] | None = None) -> Any:
         def respond(outcome: Reply | BaseException) -> None:
             if isinstance(outcome, ApiError):
                 outcome = Reply(outcome.status)
             assert isinstance(outcome, Reply), outcome
-            cycle.release()  # what the protocol does once it has written the answer
+            req.release()  # what the protocol does once it has written the answer
             answers.append(outcome)
             if then is not None:
                 then(outcome)
@@ -48,12 +48,12 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
     def round_trip(i: int) -> None:
         def answer(reply: Reply) -> None:
             task = json.loads(reply.body)
-            req, cycle = request("POST", "/tasks_result", agent(i), b"id=%d" % task["id"])
-            classic.post_result(req, b'{"pong": true}', responder(cycle))
-        req, cycle = request("GET", "/tasks", agent(i))
-        classic.poll_task(req, b"", responder(cycle, answer))
-        req, cycle = request("POST", "/tasks", admin, b"target=a%d" % i)
-        classic.submit_task(req, b'{"type": "ping"}', responder(cycle))
+            req = request("POST", "/tasks_result", agent(i), b"id=%d" % task["id"])
+            classic.post_result(req, b'{"pong": true}', responder(req))
+        req = request("GET", "/tasks", agent(i))
+        classic.poll_task(req, b"", responder(req, answer))
+        req = request("POST", "/tasks", admin, b"target=a%d" % i)
+        classic.submit_task(req, b'{"type": "ping"}', responder(req))
 
     async def settle() -> None:
         for _ in range(50):
@@ -68,13 +68,13 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
         answers.clear()
         for i in range(1, AGENTS):
             round_trip(i)
-        req, cycle = request("GET", "/tasks", agent(0))  # times out empty
-        classic.poll_task(req, b"", responder(cycle))
-        req, hung_cycle = request("GET", "/tasks", agent(0))  # its agent hangs up
-        classic.poll_task(req, b"", responder(hung_cycle))
-        hung_cycle.lost()
-        req, cycle = request("POST", "/tasks", admin, b"target=a1&timeout=0.05")  # nobody polls
-        classic.submit_task(req, b'{"type": "ping"}', responder(cycle))
+        req = request("GET", "/tasks", agent(0))  # times out empty
+        classic.poll_task(req, b"", responder(req))
+        hung = request("GET", "/tasks", agent(0))  # its agent hangs up
+        classic.poll_task(hung, b"", responder(hung))
+        hung.lost()
+        req = request("POST", "/tasks", admin, b"target=a1&timeout=0.05")  # nobody polls
+        classic.submit_task(req, b'{"type": "ping"}', responder(req))
         await settle()
         assert len(answers) == 3 * (AGENTS - 1) + 3
         assert sorted(a.status for a in answers)[-1] == 504  # the submit that timed out
