@@ -110,6 +110,8 @@ class Throttle:
         self._banned: dict[object, float] = {}  # (account, address) or address -> until
 
     def check(self, account: str, address: str) -> None:
+        if not self._banned:
+            return  # the usual case: nobody is banned
         now = time.monotonic()
         for key in ((account, address), address):
             until = self._banned.get(key)

@@ -249,7 +249,7 @@ class Store:
     def save_task(self, task: Task) -> asyncio.Future[Any]:
         """Writes the task as it is now (insert or update); the future resolves at the commit."""
         return self.rows.add(0, (
-            task.id, task.agent, task.type, task.payload_json, task.state.value,
+            task.id, task.agent, task.type, task.payload_json, task.state,  # a str: stored as is
             task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms,
             task.finished_ms, None if task.result is None else codec.dumps(task.result)),
             task.id)
@@ -261,8 +261,8 @@ class Store:
 
 def _storable(text: str | None) -> str | None:
     """Text as SQLite can take it: a lone surrogate from a hostile login name becomes U+FFFD."""
-    if text is None:
-        return None
+    if text is None or text.isascii():
+        return text
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 

@@ -34,7 +34,19 @@ async def require_agent(req: Request) -> str:
 def agent_version(req: Request) -> str | None:
     """The reference agent says its version in its User-Agent: `dutagent/1.2.3`."""
     ua = req.header(b"user-agent")
-    return ua[9:].split(" ", 1)[0][:32] if ua and ua.startswith("dutagent/") else None
+    if not ua:
+        return None
+    version = _versions.get(ua, _UNSEEN)
+    if version is _UNSEEN:  # every poll and result says it again: parse each one once
+        if len(_versions) > 1000:
+            _versions.clear()
+        version = _versions[ua] = ua[9:].split(" ", 1)[0][:32] \
+            if ua.startswith("dutagent/") else None
+    return version  # type: ignore[return-value]
+
+
+_UNSEEN = object()
+_versions: dict[str, object] = {}  # User-Agent -> agent version (or None): a cache, bounded
 
 
 async def login(req: Request) -> Reply:

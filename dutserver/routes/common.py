@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar, cast
@@ -210,9 +211,19 @@ def parse_json(data: bytes) -> Any:
         # json.loads would build a new decoder for every call that passes parse_constant.
         # An object that starts as UTF-8 does ("{" and no NUL after it) is what
         # json.detect_encoding would call UTF-8: no need to ask it.
-        encoding = "utf-8" if data[:1] == b"{" and data[1:2] != b"\x00" \
-            else json.detect_encoding(data)
-        return _DECODER.decode(data.decode(encoding, "surrogatepass"))
+        if data[:1] == b"{" and data[1:2] != b"\x00":
+            # JSONDecoder.decode without its wrappers: an object from the first character
+            text = data.decode("utf-8", "surrogatepass")
+            try:
+                value, end = _SCAN(text, 0)
+            except StopIteration as exc:
+                raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+            if end != len(text):
+                end = _JSON_SPACE(text, end).end()  # type: ignore[union-attr]  # matches ""
+                if end != len(text):
+                    raise json.JSONDecodeError("Extra data", text, end)
+            return value
+        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except RecursionError:
         raise ApiError(400, "Invalid JSON: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -226,6 +237,8 @@ def _not_json(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_not_json)
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_JSON_SPACE = re.compile(r"[ \t\n\r]*").match  # what JSONDecoder.decode skips after the value
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
