@@ -243,19 +243,20 @@ class Protocol(HttpToolsProtocol):
         cycle.release()
         if self._running is cycle:
             self._running = None
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        if cycle.keep_alive and self.dispatcher.closing:
-            cycle.keep_alive = False  # shutting down: this connection's last answer
+        # While shutting down, an answer is its connection's last.
+        keep_alive = cycle.keep_alive and not self.dispatcher.closing
         if self.access_log:
             self.access_logger.info('%s - "%s %s HTTP/%s" %d', self.client and self.client[0],
                                     cycle.method, cycle.path, self.parser.get_http_version()
                                     if self.parser else "1.1", reply.status)
-        self.transport.write(render(reply, cycle.method == "HEAD", cycle.keep_alive))
-        if cycle.keep_alive:
+        transport.write(render(reply, cycle.method == "HEAD", keep_alive))
+        if keep_alive:
             self.on_response_complete()
         else:
-            self.transport.close()
+            transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refused: answered in the error shape like every other error
@@ -276,7 +277,8 @@ class Protocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)

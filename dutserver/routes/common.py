@@ -350,18 +350,27 @@ _FIXED_HEADERS = b"".join(k + b": " + v + b"\r\n" for k, v in (NO_STORE, *SECURI
 def render(reply: Reply, head: bool, keep_alive: bool) -> bytes:
     """The whole HTTP/1.1 response as one bytes object, with the same headers as send_reply:
     the direct path (dutserver/protocol.py) writes it with one call."""
+    if reply.headers:
+        start = _head_start(reply, keep_alive)
+    else:  # the usual answer: its head but for the length is one of a few, made once each
+        key = (reply.status, reply.content_type, keep_alive)
+        start = _HEAD_STARTS.get(key) or _HEAD_STARTS.setdefault(key, _head_start(reply, keep_alive))
+    return b"%scontent-length: %d\r\n\r\n%s" % (start, len(reply.body), b"" if head else reply.body)
+
+
+def _head_start(reply: Reply, keep_alive: bool) -> bytes:
     parts = [_STATUS_LINES.get(reply.status) or b"HTTP/1.1 %d \r\n" % reply.status,
-             b"content-length: %d\r\n" % len(reply.body), _FIXED_HEADERS]
+             _FIXED_HEADERS]
     if reply.content_type:
         parts.append(b"content-type: " + reply.content_type + b"\r\n")
     if reply.headers:
         parts.extend(f"{k.lower()}: {v}\r\n".encode() for k, v in reply.headers.items())
     if not keep_alive:
         parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    if not head:
-        parts.append(reply.body)
     return b"".join(parts)
+
+
+_HEAD_STARTS: dict[tuple[int, bytes, bool], bytes] = {}
 
 
 class SecurityHeaders:
