@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -45,7 +46,7 @@ class DirectRequest(Request):
     """One request on the direct path, from its headers to its reply: what the handler sees
     of it (a Request) and where the protocol keeps its progress, in one object."""
 
-    __slots__ = ("_by_name", "_gone", "chunks", "complete", "disconnected", "endpoint",
+    __slots__ = ("_by_name", "_on_gone", "chunks", "complete", "disconnected", "endpoint",
                  "error", "expect_continue", "keep_alive", "raw_path", "response_complete",
                  "size", "started")
 
@@ -75,7 +76,7 @@ class DirectRequest(Request):
         self.error: ApiError | None = None  # refused before its body was read
         self.response_complete = False
         self.disconnected = False
-        self._gone: asyncio.Future[None] | None = None
+        self._on_gone: list[Callable[[Any], object]] | None = None
 
     def header(self, name: bytes) -> str | None:
         value = self._by_name.get(name)
@@ -84,12 +85,20 @@ class DirectRequest(Request):
     async def body(self) -> bytes:
         return b"".join(self.chunks)  # complete and within the limit: checked as parsed
 
-    def gone(self) -> asyncio.Future[None]:
-        if self._gone is None:
-            self._gone = asyncio.get_running_loop().create_future()
-            if self.disconnected:
-                self._gone.set_result(None)
-        return self._gone
+    # A request is its own Hangup (tasks.py): no Future per long request.
+    def gone(self) -> DirectRequest:
+        return self
+
+    def done(self) -> bool:
+        return self.disconnected
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None:
+        if self.disconnected:
+            asyncio.get_running_loop().call_soon(fn, self)
+        elif self._on_gone is None:
+            self._on_gone = [fn]
+        else:
+            self._on_gone.append(fn)
 
     @property
     def path(self) -> str:
@@ -99,12 +108,17 @@ class DirectRequest(Request):
     def release(self) -> None:
         """Answered: what waited for a hang-up (through closures that lead back here) goes, so
         no reference cycle is left for the garbage collector, whose full passes stall the loop."""
-        self._gone = None
+        self._on_gone = None
 
     def lost(self) -> None:
+        if self.disconnected:
+            return
         self.disconnected = True
-        if self._gone is not None and not self._gone.done():
-            self._gone.set_result(None)
+        callbacks, self._on_gone = self._on_gone, None
+        if callbacks:
+            loop = asyncio.get_running_loop()
+            for fn in callbacks:
+                loop.call_soon(fn, self)
 
 
 class Protocol(HttpToolsProtocol):

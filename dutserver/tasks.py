@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from dutserver import codec, store
 from dutserver.auth import Auth
@@ -28,6 +28,16 @@ TIMEOUT_MSG = "Time out while waiting for task result"
 NO_RESULT = {"error": True, "msg": "no result"}
 _TIMED_OUT = object()  # waiter sentinels: the submitter's time ran out, or it hung up
 _GONE = object()
+
+
+class Hangup(Protocol):
+    """What tells a long request that its client went away: an asyncio Future (the ASGI path)
+    or the direct path's request itself. done() is true once it happened; callbacks added
+    before run soon after it, with one argument."""
+
+    def done(self) -> bool: ...
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
 
 
 class Tasks:
@@ -106,7 +116,7 @@ class Tasks:
         return tasks
 
     def submit_and_wait(self, targets: Sequence[str], body: Any, submitted_by: str,
-                        timeout_s: float, gone: asyncio.Future[Any] | None, address: str | None,
+                        timeout_s: float, gone: Hangup | None, address: str | None,
                         done: Callable[[list[dict[str, Any] | None]], None]) -> None:
         """Blocking submit: done(each target's result, None where none came in time).
 
@@ -122,7 +132,7 @@ class Tasks:
 
     # --- the agent's side --------------------------------------------------------------------
 
-    def next_for(self, agent: str, gone: asyncio.Future[Any],
+    def next_for(self, agent: str, gone: Hangup,
                  answer: Callable[[Task | None], None]) -> None:
         """A long-poll: answer(the oldest queued task for agent) once its hand-off is
         committed; answer(None) after the poll timeout, at shutdown or when the agent hung up."""
@@ -152,7 +162,7 @@ class Tasks:
         d.park(agent, poll)
         gone.add_done_callback(end_empty)
 
-    def _hand_over(self, task: Task, gone: asyncio.Future[Any],
+    def _hand_over(self, task: Task, gone: Hangup,
                    answer: Callable[[Task | None], None]) -> None:
         """Records the hand-off; the agent gets the task once that is committed (at most
         once: a crash after the commit fails the task rather than sending it again)."""

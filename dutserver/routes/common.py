@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dutserver import codec
 from dutserver.errors import ApiError
+from dutserver.tasks import Hangup
 
 log = logging.getLogger("dutserver.http")
 T = TypeVar("T")
@@ -109,8 +110,8 @@ class Request:
         """The whole body, refused with 413 past the configured limit."""
         raise NotImplementedError
 
-    def gone(self) -> asyncio.Future[None]:
-        """A future that resolves when the client disconnects (call after reading the body)."""
+    def gone(self) -> Hangup:
+        """What says when the client disconnects (call after reading the body)."""
         raise NotImplementedError
 
     def finish(self) -> None:
