@@ -8,28 +8,30 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 
 from dutserver.model import Task, TaskState
 
 
 class Poll:
-    """A parked agent long-poll. `deliver` is called once: with a Task, or with None when the
-    poll should end empty (timeout, hang-up, shutdown). A plain callback, not a future: the
-    hand-off happens in the same turn as the submit, with no task switch in between."""
+    """A parked agent long-poll. `deliver` runs once: with a Task, or with None when the poll
+    should end empty (timeout, hang-up, shutdown). A method, not a future: the hand-off happens
+    in the same turn as the submit, with no task switch in between."""
 
-    __slots__ = ("deliver",)
+    __slots__ = ("settled",)
 
-    def __init__(self, deliver: Callable[[Task | None], None]) -> None:
-        self.deliver: Callable[[Task | None], None] | None = deliver
+    def __init__(self) -> None:
+        self.settled = False
 
     def settle(self, task: Task | None) -> bool:
         """Ends the poll with task; False if it had ended already."""
-        deliver, self.deliver = self.deliver, None  # also breaks the cycle through its timer
-        if deliver is None:
+        if self.settled:
             return False
-        deliver(task)
+        self.settled = True
+        self.deliver(task)
         return True
+
+    def deliver(self, task: Task | None) -> None:
+        raise NotImplementedError
 
 
 class AgentSlot:

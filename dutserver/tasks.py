@@ -78,7 +78,7 @@ class Tasks:
             raise ApiError(400, "Task type missing")
         if len(kind) > 64:
             raise ApiError(400, "Task type too long (at most 64 characters)")
-        if not kind.isprintable() or not _encodable(kind):
+        if not kind.isprintable() or not (kind.isascii() or _encodable(kind)):
             raise ApiError(400, "Task type must be printable text")
         pending: dict[str, int] = {}
         for name in targets:
@@ -128,7 +128,7 @@ class Tasks:
         waiting.timer = asyncio.get_running_loop().call_later(timeout_s, waiting.settle_all,
                                                               _TIMED_OUT)
         if gone is not None:
-            gone.add_done_callback(lambda _: waiting.settle_all(_GONE))
+            gone.add_done_callback(waiting.hung_up)
 
     # --- the agent's side --------------------------------------------------------------------
 
@@ -136,7 +136,6 @@ class Tasks:
                  answer: Callable[[Task | None], None]) -> None:
         """A long-poll: answer(the oldest queued task for agent) once its hand-off is
         committed; answer(None) after the poll timeout, at shutdown or when the agent hung up."""
-        loop = asyncio.get_running_loop()
         d = self.dispatcher
         if d.closing:
             answer(None)
@@ -145,22 +144,9 @@ class Tasks:
         if task is not None:
             self._hand_over(task, gone, answer)
             return
-
-        def deliver(task: Task | None) -> None:
-            timer.cancel()
-            if task is None:
-                answer(None)
-            else:
-                self._hand_over(task, gone, answer)
-
-        def end_empty(*_: object) -> None:
-            if poll.settle(None):
-                d.unpark(agent, poll)
-
-        poll = Poll(deliver)
-        timer = loop.call_later(self.s.poll_timeout_s, end_empty)
+        poll = _ParkedPoll(self, agent, gone, answer)
         d.park(agent, poll)
-        gone.add_done_callback(end_empty)
+        gone.add_done_callback(poll.end_empty)
 
     def _hand_over(self, task: Task, gone: Hangup,
                    answer: Callable[[Task | None], None]) -> None:
@@ -301,6 +287,35 @@ class Tasks:
         return self.db.save_task(task)
 
 
+class _ParkedPoll(Poll):
+    """A long-poll parked until a task comes for its agent, its time is up or it hangs up."""
+
+    __slots__ = ("agent", "answer", "gone", "owner", "timer")
+
+    def __init__(self, owner: Tasks, agent: str, gone: Hangup,
+                 answer: Callable[[Task | None], None]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.agent = agent
+        self.gone = gone
+        self.answer = answer
+        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            owner.s.poll_timeout_s, self.end_empty)
+
+    def deliver(self, task: Task | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None  # it refers back to us: no reference cycle for the GC to find
+        if task is None:
+            self.answer(None)
+        else:
+            self.owner._hand_over(task, self.gone, self.answer)
+
+    def end_empty(self, *_: object) -> None:
+        if self.settle(None):
+            self.owner.dispatcher.unpark(self.agent, self)
+
+
 class _Waiting:
     """A blocking submit waiting for its tasks' outcomes: results, or why none will come."""
 
@@ -325,6 +340,9 @@ class _Waiting:
         self.left -= 1
         if self.left == 0:
             self._finish()
+
+    def hung_up(self, _: object) -> None:
+        self.settle_all(_GONE)
 
     def settle_all(self, outcome: object) -> None:
         for task in self.tasks:

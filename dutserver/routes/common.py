@@ -97,6 +97,12 @@ class Request:
         if self._query is None:
             raw = self.query_string.decode("latin-1")
             q: dict[str, str] = {}
+            if "&" not in raw and "%" not in raw and "+" not in raw:  # one plain parameter
+                if raw:
+                    key, _, value = raw.partition("=")
+                    q[key] = value
+                self._query = q
+                return q
             if "%" in raw or "+" in raw:
                 pairs = parse_qsl(raw, keep_blank_values=True)
             else:  # nothing to unquote: what parse_qsl gives, at a fraction of its cost
