@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from json.encoder import encode_basestring_ascii
 from typing import Any
+
+from dutserver.codec import compact
 
 
 class TaskState(str, Enum):
@@ -40,3 +43,12 @@ class Task:
     def wire(self) -> dict[str, Any]:
         """The task object as the agent receives it."""
         return {**self.payload, "id": self.id, "type": self.type}
+
+    def wire_json(self) -> bytes:
+        """wire() as JSON, from the payload's JSON as stored (encoded once, at the submit)."""
+        if not self.payload_json:
+            return compact(self.wire()).encode()
+        head = self.payload_json[:-1]
+        comma = "," if len(head) > 1 else ""
+        return f'{head}{comma}"id":{self.id},"type":{encode_basestring_ascii(self.type)}}}' \
+            .encode()

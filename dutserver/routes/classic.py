@@ -169,7 +169,7 @@ def _poll(req: Request, respond: Respond, agent: str) -> None:
 
     def answer(task: Task | None) -> None:
         dispatcher.poll_ended(slot, dropped=gone.done() and task is None)
-        respond(EMPTY_TASK if task is None else raw_json(codec.dumps(task.wire()).encode()))
+        respond(EMPTY_TASK if task is None else raw_json(task.wire_json()))
 
     req.state["tasks"].next_for(agent, gone, answer)
 
