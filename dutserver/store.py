@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 from dutserver import codec
 from dutserver.model import Task
 from dutserver.writer import (GroupCommitWriter, InlineGroupCommitWriter, Op, RowBatches,
-                              checkpoint)
+                              background_priority, checkpoint)
 
 T = TypeVar("T")
 
@@ -198,10 +197,18 @@ class Store:
         self.rows = RowBatches(self.writer, [TASK_SAVE, AUDIT_INSERT])
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-reader")
         self._reader: sqlite3.Connection | None = None
+        # Checkpoints get a thread and a connection of their own, at a lower priority, so that
+        # copying the WAL neither delays reads nor takes the core from the event loop.
+        self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-checkpoint",
+                                                   initializer=background_priority)
+        self._checkpointer: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        self._reader = await asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        self._reader = await loop.run_in_executor(
             self._reader_pool, connect, self.path, self._synchronous)
+        self._checkpointer = await loop.run_in_executor(
+            self._checkpoint_pool, connect, self.path, self._synchronous)
         self.writer.start()
 
     async def close(self) -> None:
@@ -212,6 +219,9 @@ class Store:
         if self._reader is not None:
             self._reader_pool.submit(self._reader.close).result()
         self._reader_pool.shutdown()
+        if self._checkpointer is not None:
+            self._checkpoint_pool.submit(self._checkpointer.close).result()
+        self._checkpoint_pool.shutdown()
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs fn(connection, *args) on the reader thread."""
@@ -228,7 +238,7 @@ class Store:
         await self.writer.barrier()
 
     async def checkpoint(self) -> None:
-        """Copies the WAL into the database, on the reader thread (the loop never waits for
+        """Copies the WAL into the database, on a thread of its own (the loop never waits for
         the fsyncs of a checkpoint). Under steady writes such a pass never quite catches up
         with the writer, and a WAL that is never caught up never starts over: it grew without
         end (850 MB after 150,000 round trips). So once it is past `wal_restart_bytes`, one
@@ -236,15 +246,17 @@ class Store:
         held, copying the little left; the next commit writes the WAL from its start again."""
         if not isinstance(self.writer, InlineGroupCommitWriter):
             return  # the writer thread checkpoints itself (wal_autocheckpoint)
-        await self.read(checkpoint)
-        try:
-            wal_bytes = os.stat(f"{self.path}-wal").st_size
-        except FileNotFoundError:
-            return
-        if wal_bytes > self.wal_restart_bytes:
-            await self.read(checkpoint)  # what came in during the first: the held pass is short
+        loop = asyncio.get_running_loop()
+        conn = self._checkpointer
+        assert conn is not None, "store not open"
+
+        def copy() -> asyncio.Future[int]:
+            return loop.run_in_executor(self._checkpoint_pool, checkpoint, conn)
+
+        if await copy() > self.wal_restart_bytes:
+            await copy()  # what came in during the first: the held pass is short
             with self.writer.held():
-                await self.read(checkpoint)
+                await copy()
 
     def save_task(self, task: Task) -> asyncio.Future[Any]:
         """Writes the task as it is now (insert or update); the future resolves at the commit."""

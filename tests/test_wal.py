@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,38 @@ async def test_wal_starts_over_under_steady_writes(tmp_path: Path, restart_bytes
     else:
         # The same load without the held pass (the check above is one this load can fail).
         assert largest > 64 * RESTART_BYTES, f"the WAL stayed at {largest} bytes"
+
+
+async def test_commits_are_held_only_while_the_wal_is_long(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WAL file keeps its size when it starts over, so its size says nothing about how much
+    it holds: judged by it, every checkpoint after the first restart held all commits."""
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0, RESTART_BYTES)
+    await db.open()
+    held = 0
+    real_held = db.writer.held  # type: ignore[union-attr]
+
+    def counting_held() -> Any:
+        nonlocal held
+        held += 1
+        return real_held()
+
+    monkeypatch.setattr(db.writer, "held", counting_held)
+    try:
+        await asyncio.gather(*(db.save_task(_task(n)) for n in range(1, 2001)))
+        await db.checkpoint()  # long: starts over, with commits held once
+        assert held == 1
+        wal_file = os.stat(f"{db.path}-wal").st_size
+        assert wal_file > RESTART_BYTES
+        for n in range(2001, 2011):  # a little more
+            await db.save_task(_task(n))
+            await db.checkpoint()
+        assert held == 1, "commits were held although the WAL held little"
+        assert os.stat(f"{db.path}-wal").st_size == wal_file  # the file did not shrink
+    finally:
+        await db.close()
+
+
+def _task(task_id: int) -> Task:
+    return Task(task_id, f"pc{task_id % 50}", "ping", {"pad": "x" * 200}, "admin", 1, 2,
+                TaskState.DONE, 1, 2, {"pong": True}, payload_json='{"pad": "' + "x" * 200 + '"}')
