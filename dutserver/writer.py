@@ -100,8 +100,9 @@ class InlineGroupCommitWriter:
     A commit in WAL mode without fsync costs tens of microseconds, less than the two thread
     hand-offs (queue wake-up, call_soon_threadsafe) a writer thread needs per batch. Ops queued
     during one turn of the loop are committed together by one callback scheduled behind them.
-    The WAL is checkpointed by the reader thread (`checkpoint`), so no commit here ever waits
-    for an fsync.
+    The WAL is checkpointed on a thread of its own (`checkpoint`), so no commit here runs a
+    checkpoint's fsyncs (though the kernel can make a WAL write wait while one syncs the WAL:
+    bench/README.md, "The half-load p99").
     """
 
     def __init__(self, connect: Callable[[], sqlite3.Connection],
@@ -138,7 +139,7 @@ class InlineGroupCommitWriter:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """No commits inside (writes queue up and go in one batch after): lets a checkpoint
-        in the reader thread catch up with the WAL's end, so that the WAL can start over."""
+        on its thread catch up with the WAL's end, so that the WAL can start over."""
         self._held = True
         try:
             yield
