@@ -272,8 +272,8 @@ def checkpoint(conn: sqlite3.Connection) -> int:
 
 def background_priority() -> None:
     """For a thread that copies the WAL: on a server pinned to one core it competes with the
-    event loop, and a checkpoint that copies tens of MB took it 60 ms of that core in one go;
-    at a lower priority the loop's work goes first (Linux: nice is per thread)."""
+    event loop for it, copying tens of MB at a time under load; at a lower priority the loop's
+    work goes first when both want the core (Linux: nice is per thread)."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
     except (AttributeError, OSError):  # not Linux, or not allowed: the default priority

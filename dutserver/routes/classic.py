@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from starlette.routing import Route
@@ -34,19 +35,12 @@ async def require_agent(req: Request) -> str:
 def agent_version(req: Request) -> str | None:
     """The reference agent says its version in its User-Agent: `dutagent/1.2.3`."""
     ua = req.header(b"user-agent")
-    if not ua:
-        return None
-    version = _versions.get(ua, _UNSEEN)
-    if version is _UNSEEN:  # every poll and result says it again: parse each one once
-        if len(_versions) > 1000:
-            _versions.clear()
-        version = _versions[ua] = ua[9:].split(" ", 1)[0][:32] \
-            if ua.startswith("dutagent/") else None
-    return version  # type: ignore[return-value]
+    return _version_in(ua) if ua else None
 
 
-_UNSEEN = object()
-_versions: dict[str, object] = {}  # User-Agent -> agent version (or None): a cache, bounded
+@functools.lru_cache(maxsize=1024)  # every poll and result says it again: parse each once
+def _version_in(ua: str) -> str | None:
+    return ua[9:].split(" ", 1)[0][:32] if ua.startswith("dutagent/") else None
 
 
 async def login(req: Request) -> Reply:
