@@ -39,6 +39,7 @@ class Task:
     payload_json: str = field(default="", repr=False)  # as stored, encoded once
     # The blocking submit waiting for this task's result, if any (tasks._Waiting).
     waiter: Any = field(default=None, repr=False)
+    stored: bool = field(default=False, repr=False)  # its insert has been queued (store.py)
 
     def wire(self) -> dict[str, Any]:
         """The task object as the agent receives it."""

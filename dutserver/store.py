@@ -194,7 +194,7 @@ class Store:
         else:
             self.writer = InlineGroupCommitWriter(lambda: connect(path, synchronous),
                                                   commit_interval_s)
-        self.rows = RowBatches(self.writer, [TASK_SAVE, AUDIT_INSERT])
+        self.rows = RowBatches(self.writer, 3, _write_rows)
         self._reader_pool = ThreadPoolExecutor(1, thread_name_prefix="dutserver-reader")
         self._reader: sqlite3.Connection | None = None
         # Checkpoints get a thread and a connection of their own, at a lower priority, so that
@@ -259,16 +259,37 @@ class Store:
                 await copy()
 
     def save_task(self, task: Task) -> asyncio.Future[Any]:
-        """Writes the task as it is now (insert or update); the future resolves at the commit."""
-        return self.rows.add(0, (
-            task.id, task.agent, task.type, task.payload_json, task.state,  # a str: stored as is
-            task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms,
-            task.finished_ms, None if task.result is None else codec.dumps(task.result)),
-            task.id)
+        """Writes the task as it is now; the future resolves at the commit. Its first save is an
+        insert, and so is a later one while that insert is still pending; after that, an update
+        of the fields that change (cheaper than an upsert of every field: a third of SQLite's
+        work per round trip)."""
+        row = (task.id, task.agent, task.type, task.payload_json, task.state._value_,
+               task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms or 0,
+               task.finished_ms or 0, "" if task.result is None else codec.dumps(task.result))
+        if task.stored:
+            return self.rows.add(_UPDATE, row, task.id, unless_pending=_INSERT)
+        task.stored = True
+        return self.rows.add(_INSERT, row, task.id)
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
         """Records an audit event; nobody waits for it, but it lands in the next batch."""
-        self.rows.add(1, (now_ms(), _storable(actor), action, _storable(detail) or "", address))
+        self.rows.add(_AUDIT, (now_ms(), _storable(actor), action, _storable(detail) or "",
+                               address))
+
+
+_INSERT, _UPDATE, _AUDIT = range(3)  # the kinds of Store.rows
+
+
+def _write_rows(conn: sqlite3.Connection, rows: list[dict[Any, Any]]) -> None:
+    inserts, updates, audits = rows
+    if inserts:
+        conn.executemany(TASK_INSERT, inserts.values())
+    if updates:
+        if conn.executemany(TASK_UPDATE, updates.values()).rowcount < len(updates):
+            # An insert that never landed (its batch failed): the whole row, once more.
+            conn.executemany(TASK_SAVE, updates.values())
+    if audits:
+        conn.executemany(AUDIT_INSERT, audits.values())
 
 
 def _storable(text: str | None) -> str | None:
@@ -284,10 +305,17 @@ def now_ms() -> int:
 
 # --- tasks ----------------------------------------------------------------------------------
 
-TASK_SAVE = (
+# Task rows as Store.save_task makes them: every field, with 0 or "" for NULL (a None costs
+# the sqlite3 module an adapter lookup per value; these cost nothing to bind).
+TASK_INSERT = (
     "INSERT INTO tasks (id, agent, type, payload, state, submitted_by, created_ms, expires_ms, "
-    "delivered_ms, finished_ms, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (id) DO UPDATE SET state = excluded.state, delivered_ms = excluded.delivered_ms, "
+    "delivered_ms, finished_ms, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, nullif(?, 0), "
+    "nullif(?, 0), nullif(?, ''))")
+TASK_UPDATE = (
+    "UPDATE tasks SET state = ?5, delivered_ms = nullif(?9, 0), finished_ms = nullif(?10, 0), "
+    "result = nullif(?11, '') WHERE id = ?1")  # the row of TASK_INSERT: its other fields unused
+TASK_SAVE = TASK_INSERT + (
+    " ON CONFLICT (id) DO UPDATE SET state = excluded.state, delivered_ms = excluded.delivered_ms, "
     "finished_ms = excluded.finished_ms, result = excluded.result")
 
 

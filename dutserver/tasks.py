@@ -57,7 +57,7 @@ class Tasks:
                 id=row["id"], agent=row["agent"], type=row["type"],
                 payload=json.loads(row["payload"]), submitted_by=row["submitted_by"],
                 created_ms=row["created_ms"], expires_ms=row["expires_ms"],
-                payload_json=row["payload"]))
+                payload_json=row["payload"], stored=True))
         if rows:
             log.info("recovered %d queued tasks", len(rows))
 

@@ -15,7 +15,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 log = logging.getLogger("dutserver.store")
@@ -190,7 +190,8 @@ class InlineGroupCommitWriter:
 
 
 class RowBatches:
-    """Rows written with one executemany per statement in the writer's next batch.
+    """Rows written together in the writer's next batch, by `write(conn, rows)`: one dict of rows
+    per kind (a statement, say), by key.
 
     The hot path saves a task three times (queued, delivered, done); most of those saves, and the
     audit events beside them, meet in one batch. A row added under a key that is still pending
@@ -198,34 +199,36 @@ class RowBatches:
     once, as delivered. Every add of one batch shares one future: its commit.
     """
 
-    def __init__(self, writer: GroupCommitWriter | InlineGroupCommitWriter,
-                 statements: Sequence[str]) -> None:
+    def __init__(self, writer: GroupCommitWriter | InlineGroupCommitWriter, kinds: int,
+                 write: Callable[[sqlite3.Connection, list[dict[Hashable, Any]]], None]) -> None:
         self._writer = writer
-        self._statements = statements
+        self._kinds = kinds
+        self._write = write
         self._lock = threading.Lock()  # the threaded writer takes a batch while the loop adds
-        self._pending: list[dict[Hashable, tuple[Any, ...]]] | None = None
+        self._pending: list[dict[Hashable, Any]] | None = None
         self._future: asyncio.Future[Any] | None = None
         self._serial = itertools.count()
 
-    def add(self, statement: int, row: tuple[Any, ...],
-            key: Hashable | None = None) -> asyncio.Future[Any]:
-        """Queues row for statement (rows with the same key: the last one wins)."""
+    def add(self, kind: int, row: Any, key: Hashable | None = None,
+            unless_pending: int | None = None) -> asyncio.Future[Any]:
+        """Queues row under kind (rows with the same key: the last one wins). With
+        unless_pending: under that kind instead while key has a row pending there."""
         with self._lock:
             pending = self._pending
             if pending is None or self._future is None:
-                pending = self._pending = [{} for _ in self._statements]
+                pending = self._pending = [{} for _ in range(self._kinds)]
                 self._future = self._writer.write(self._op(pending))
-            pending[statement][next(self._serial) if key is None else key] = row
+            if unless_pending is not None and key in pending[unless_pending]:
+                kind = unless_pending
+            pending[kind][next(self._serial) if key is None else key] = row
             return self._future
 
-    def _op(self, pending: list[dict[Hashable, tuple[Any, ...]]]) -> Op:
+    def _op(self, pending: list[dict[Hashable, Any]]) -> Op:
         def op(conn: sqlite3.Connection) -> None:
             with self._lock:
                 if self._pending is pending:
                     self._pending = None
-            for sql, rows in zip(self._statements, pending):
-                if rows:
-                    conn.executemany(sql, rows.values())
+            self._write(conn, pending)
         return op
 
 
