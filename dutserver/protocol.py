@@ -157,10 +157,14 @@ class Protocol(HttpToolsProtocol):
         if endpoint is None or parser.should_upgrade():
             self._asgi_headers_complete()
             return
+        # HTTP/1.0 closes after the answer even with "Connection: keep-alive", as uvicorn's path
+        # does; without that header should_keep_alive() says so already (and the version costs
+        # a string formatting per request to ask for).
+        keep_alive = parser.should_keep_alive() and (
+            b"connection" not in by_name or parser.get_http_version() != "1.0")
         cycle = DirectRequest(endpoint, parser.get_method().decode("ascii"), url.path, headers,
-                              by_name, url.query or b"",
-                              parser.should_keep_alive() and parser.get_http_version() != "1.0",
-                              self.expect_100_continue, self.app_state, self.address)
+                              by_name, url.query or b"", keep_alive, self.expect_100_continue,
+                              self.app_state, self.address)
         declared = by_name.get(b"content-length")  # its syntax is checked by the parser
         limit = self.body_max_bytes
         if declared is not None and (len(declared) > 18 or int(declared) > limit):

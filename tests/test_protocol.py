@@ -126,9 +126,10 @@ def test_chunked_body_within_the_limit_works(srv: RunningServer) -> None:
     assert status == 200 and json.loads(answer)["token"]
 
 
-def test_http_10_gets_its_answer_and_a_close(srv: RunningServer) -> None:
+@pytest.mark.parametrize("headers", [{}, {"Connection": "keep-alive"}])
+def test_http_10_gets_its_answer_and_a_close(srv: RunningServer, headers: dict[str, str]) -> None:
     with connect(srv) as sock:
-        sock.sendall(request("GET", "/healthz", version="1.0"))
+        sock.sendall(request("GET", "/healthz", headers=headers, version="1.0"))
         buf = bytearray()
         status, headers, _ = read_response(sock, buf)
         assert status == 200 and headers["connection"] == "close"
