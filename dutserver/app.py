@@ -26,6 +26,9 @@ from dutserver.store import Store
 from dutserver.tasks import Tasks
 
 log = logging.getLogger("dutserver")
+# How often the tasks inserted meanwhile are written to the agent and submitter look-ups
+# (store.tasks_index): each of their index pages is written once per interval, not per commit.
+INDEX_INTERVAL_S = 0.1
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -45,6 +48,7 @@ def create_app(settings: Settings) -> Starlette:
         background = [
             asyncio.create_task(_every(settings.accounts_refresh_s, _refresh(auth, tasks))),
             asyncio.create_task(_every(settings.sweep_interval_s, _sweep(auth, tasks))),
+            asyncio.create_task(_every(INDEX_INTERVAL_S, _index(db))),
         ]
         # What start-up built lives as long as the process: out of the collector's full passes.
         gc.freeze()
@@ -108,6 +112,12 @@ def _sweep(auth: Auth, tasks: Tasks) -> Callable[[], Awaitable[None]]:
         tasks.sweep()
         auth.flush_sessions()
         auth.throttle.prune()
+    return step
+
+
+def _index(db: Store) -> Callable[[], Awaitable[None]]:
+    async def step() -> None:
+        db.index_tasks_soon()
     return step
 
 

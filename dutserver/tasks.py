@@ -239,7 +239,7 @@ class Tasks:
     async def history(self, target: str | None, state: str | None, submitted_by: str | None,
                       before_id: int | None, ids: list[int] | None,
                       limit: int) -> list[dict[str, Any]]:
-        await self.db.barrier()  # read-your-writes: what was submitted just now is listed
+        await self.db.index_tasks()  # read-your-writes: what was submitted just now is listed
         rows = await self.db.read(store.task_rows, target, state, submitted_by, before_id, ids,
                                   limit)
         views = []

@@ -4,6 +4,7 @@ Read back with the store's own history query, as GET /api/v1/tasks does."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,79 @@ async def test_a_task_whose_insert_never_landed_is_recorded_by_its_next_save(db:
         "failed", "pc1", '{"error": true, "msg": "x"}')
     got = await row(db, 10)
     assert got is not None and got["state"] == "done"
+
+
+async def by(db: Store, target: str | None = None, submitted_by: str | None = None,
+             state: str | None = None, before_id: int | None = None) -> list[int]:
+    await db.index_tasks()
+    rows = await db.read(store.task_rows, target, state, submitted_by, before_id, None, 50)
+    return [r["id"] for r in rows]
+
+
+def _tasks(first: int, count: int) -> list[Task]:
+    return [Task(n, f"pc{n % 3}", "ping", {}, f"user{n % 2}", 1000, 9000, payload_json="{}")
+            for n in range(first, first + count)]
+
+
+async def test_history_by_agent_and_submitter_lists_what_was_just_submitted(db: Store) -> None:
+    for task in _tasks(1, 12):
+        db.save_task(task)  # not awaited: the history's own catch-up waits for them
+    assert await by(db, target="pc1") == [10, 7, 4, 1]
+    assert await by(db, submitted_by="user0") == [12, 10, 8, 6, 4, 2]
+    assert await by(db, target="pc1", submitted_by="user0") == [10, 4]
+    assert await by(db, target="pc1", before_id=7) == [4, 1]
+    assert await by(db, submitted_by="user1", before_id=5) == [3, 1]
+    assert await by(db, target="pc1", state="queued") == [10, 7, 4, 1]
+    assert await by(db, target="pc1", state="done") == []
+    assert await by(db, target="nobody") == []
+
+
+async def test_a_task_whose_insert_never_landed_is_found_by_agent_too(db: Store) -> None:
+    late = Task(3, "pc9", "ping", {}, "admin", 1000, 9000, payload_json="{}", stored=True)
+    for task in _tasks(4, 3):
+        await db.save_task(task)
+    await db.index_tasks()  # the look-ups are done up to id 6, past the late one
+    late.state, late.finished_ms, late.result = TaskState.FAILED, 3000, {"error": True}
+    await db.save_task(late)
+    assert await by(db, target="pc9") == [3]
+    assert await by(db, submitted_by="admin") == [3]
+
+
+async def test_what_a_crash_left_unindexed_is_indexed_at_start(tmp_path: Path) -> None:
+    """The look-ups are written every 100 ms; a kill -9 in between loses them, not the tasks."""
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0)
+    await db.open()
+    for task in _tasks(1, 5):
+        await db.save_task(task)  # committed, never indexed
+    await db.close()
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0)
+    await db.open()
+    try:
+        _, queued = await db.read(store.tasks_recover, 5000)
+        assert [t["id"] for t in queued] == [1, 2, 3, 4, 5]
+        rows = await db.read(store.task_rows, "pc2", None, None, None, None, 50)
+        assert [r["id"] for r in rows] == [5, 2]
+    finally:
+        await db.close()
+
+
+def test_an_old_database_gets_the_look_ups_of_its_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(store.MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    for n in range(1, 7):
+        conn.execute("INSERT INTO tasks (id, agent, type, payload, state, submitted_by, "
+                     "created_ms, expires_ms) VALUES (?, ?, 'ping', '{}', 'done', ?, 1, 2)",
+                     (n, f"pc{n % 2}", "admin" if n < 4 else "ops"))
+    conn.close()
+    conn = store.connect(path)
+    try:
+        assert [r["id"] for r in store.task_rows(conn, "pc0", None, None, None, None, 50)] \
+            == [6, 4, 2]
+        assert [r["id"] for r in store.task_rows(conn, None, None, "ops", None, None, 50)] \
+            == [6, 5, 4]
+        store.tasks_index(conn)  # nothing new: nothing doubled
+        assert len(store.task_rows(conn, "pc1", None, None, None, None, 50)) == 3
+    finally:
+        conn.close()

@@ -16,6 +16,7 @@ from dutserver.model import Task, TaskState
 from dutserver.store import Store
 
 RESTART_BYTES = 256 * 1024
+PAYLOAD = '{"pad": "' + "x" * 1000 + '"}'  # rows of a busy server's size: a WAL that grows fast
 
 
 async def steady_writes(db: Store, seconds: float) -> int:
@@ -39,7 +40,7 @@ async def steady_writes(db: Store, seconds: float) -> int:
             for _ in range(20):
                 task_id += 1
                 task = Task(task_id, f"pc{task_id % 50}", "ping", {}, "admin", 1, 2,
-                            TaskState.DONE, 1, 2, {"pong": True}, payload_json="{}")
+                            TaskState.DONE, 1, 2, {"pong": True}, payload_json=PAYLOAD)
                 batch.append(db.save_task(task))
             await asyncio.gather(*batch)
             await asyncio.sleep(0.001)  # a busy server's pace, not a tight loop's
