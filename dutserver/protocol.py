@@ -157,11 +157,13 @@ class Protocol(HttpToolsProtocol):
         if endpoint is None or parser.should_upgrade():
             self._asgi_headers_complete()
             return
-        # HTTP/1.0 closes after the answer even with "Connection: keep-alive", as uvicorn's path
-        # does; without that header should_keep_alive() says so already (and the version costs
-        # a string formatting per request to ask for).
+        # HTTP/1.0 closes after the answer even with "Connection: keep-alive" (or the
+        # Proxy-Connection llhttp reads alike), as uvicorn's path does; without those headers
+        # should_keep_alive() says so already (and the version costs a string formatting per
+        # request to ask for).
         keep_alive = parser.should_keep_alive() and (
-            b"connection" not in by_name or parser.get_http_version() != "1.0")
+            (b"connection" not in by_name and b"proxy-connection" not in by_name)
+            or parser.get_http_version() != "1.0")
         cycle = DirectRequest(endpoint, parser.get_method().decode("ascii"), url.path, headers,
                               by_name, url.query or b"", keep_alive, self.expect_100_continue,
                               self.app_state, self.address)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dutserver.writer import (GroupCommitWriter, InlineGroupCommitWriter, Op, Ro
                               background_priority, checkpoint)
 
 T = TypeVar("T")
+log = logging.getLogger("dutserver.store")
 
 # Numbered migrations, applied in order at start; PRAGMA user_version records how far we got.
 MIGRATIONS: list[str] = [
@@ -277,7 +279,11 @@ class Store:
         """Brings tasks_by_agent and tasks_by_submitter up to date (and, like barrier(),
         waits for everything queued before it)."""
         self._unindexed = False
-        await self.writer.write(tasks_index)
+        try:
+            await self.writer.write(tasks_index)
+        except sqlite3.Error as exc:  # a full disk, say: the history still answers from what is
+            self._unindexed = True    # indexed, the newest tasks missing under a filter
+            log.error("writing the task look-ups failed: %s", exc)
 
     def index_tasks_soon(self) -> None:
         """The periodic tasks_index (app.py): in the next batch, if anything was inserted."""

@@ -126,7 +126,8 @@ def test_chunked_body_within_the_limit_works(srv: RunningServer) -> None:
     assert status == 200 and json.loads(answer)["token"]
 
 
-@pytest.mark.parametrize("headers", [{}, {"Connection": "keep-alive"}])
+@pytest.mark.parametrize("headers", [{}, {"Connection": "keep-alive"},
+                                     {"Proxy-Connection": "keep-alive"}])
 def test_http_10_gets_its_answer_and_a_close(srv: RunningServer, headers: dict[str, str]) -> None:
     with connect(srv) as sock:
         sock.sendall(request("GET", "/healthz", headers=headers, version="1.0"))

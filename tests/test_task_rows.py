@@ -148,3 +148,18 @@ def test_an_old_database_gets_the_look_ups_of_its_tasks(tmp_path: Path) -> None:
         assert len(store.task_rows(conn, "pc1", None, None, None, None, 50)) == 3
     finally:
         conn.close()
+
+
+async def test_history_still_answers_when_the_look_ups_cannot_be_written(
+        db: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def disk_full(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    for task in _tasks(1, 3):
+        db.save_task(task)
+    monkeypatch.setattr(store, "tasks_index", disk_full)
+    await db.index_tasks()  # no exception: the history answers from what is indexed
+    assert "database or disk is full" in caplog.text
+    assert await db.read(store.task_row, 3) is not None  # the tasks themselves are in
+    monkeypatch.undo()
+    assert await by(db, target="pc1") == [1]  # and the look-ups catch up once they can
