@@ -13,6 +13,7 @@ bench is imported from). One JSON line per round, then one with the medians.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 from typing import Any
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG")
     args = p.parse_args()
+    gc.set_threshold(100_000, 50, 100)  # as bench.run: the generator's own GC pauses stay rare
     print(pin_generator(), flush=True)
     raise_fd_limit()
 
