@@ -312,8 +312,6 @@ class Store:
 
 
 _INSERT, _UPDATE, _AUDIT = range(3)  # the kinds of Store.rows
-_INDEX_AGENT = "INSERT OR IGNORE INTO tasks_by_agent VALUES (?, ?)"
-_INDEX_SUBMITTER = "INSERT OR IGNORE INTO tasks_by_submitter VALUES (?, ?)"
 
 
 def _write_rows(conn: sqlite3.Connection, rows: list[dict[Any, Any]]) -> None:
@@ -325,8 +323,9 @@ def _write_rows(conn: sqlite3.Connection, rows: list[dict[Any, Any]]) -> None:
             # An insert that never landed (its batch failed): the whole row, once more, and
             # its index rows (its id may be below what tasks_index has done by now).
             conn.executemany(TASK_SAVE, updates.values())
-            conn.executemany(_INDEX_AGENT, ((r[1], r[0]) for r in updates.values()))
-            conn.executemany(_INDEX_SUBMITTER, ((r[5], r[0]) for r in updates.values()))
+            for table, _, field in _LOOKUPS:
+                conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)",
+                                 ((r[field], r[0]) for r in updates.values()))
     if audits:
         conn.executemany(AUDIT_INSERT, audits.values())
 
@@ -394,6 +393,11 @@ def task_rows(conn: sqlite3.Connection, target: str | None, state: str | None,
     return [dict(zip(TASK_COLUMNS, row)) for row in rows]
 
 
+# The look-up tables of migration 2: each with the tasks column it holds, and where that column
+# sits in a row of TASK_INSERT (constants: the f-strings below take nothing from outside).
+_LOOKUPS = (("tasks_by_agent", "agent", 1), ("tasks_by_submitter", "submitted_by", 5))
+
+
 def tasks_index(conn: sqlite3.Connection) -> None:
     """Writes the tasks_by_agent and tasks_by_submitter rows of the tasks inserted since the
     last call, sorted, so that each index page is written once for all of them. Tasks are
@@ -402,10 +406,9 @@ def tasks_index(conn: sqlite3.Connection) -> None:
     top = conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0
     if top <= mark:
         return
-    conn.execute("INSERT OR IGNORE INTO tasks_by_agent SELECT agent, id FROM tasks "
-                 "WHERE id > ? ORDER BY agent, id", (mark,))
-    conn.execute("INSERT OR IGNORE INTO tasks_by_submitter SELECT submitted_by, id FROM tasks "
-                 "WHERE id > ? ORDER BY submitted_by, id", (mark,))
+    for table, column, _ in _LOOKUPS:
+        conn.execute(f"INSERT OR IGNORE INTO {table} SELECT {column}, id FROM tasks "
+                     f"WHERE id > ? ORDER BY {column}, id", (mark,))
     setting_set(conn, "tasks_indexed", str(top))
 
 
