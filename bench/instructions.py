@@ -29,7 +29,8 @@ from bench.servers import BENCH_ADMIN, dutserver, workdir
 from bench.throughput import _ping_submitter
 
 
-async def count(round_trips: int, agents: int, clients: int, warmup: int) -> dict[str, object]:
+async def count(round_trips: int, agents: int, clients: int, warmup: int,
+                keep: Path | None = None) -> dict[str, object]:
     tmp = workdir()
     out = tmp / "callgrind.out"
     proc = dutserver(tmp)
@@ -59,6 +60,10 @@ async def count(round_trips: int, agents: int, clients: int, warmup: int) -> dic
             await fleet.stop()
         await proc.stop(timeout_s=120)
         instructions = _total(out)
+        if keep is not None:  # for callgrind_annotate: which C functions the count is made of
+            keep.mkdir(parents=True, exist_ok=True)
+            for path in out.parent.glob(out.name + "*"):
+                shutil.copy(path, keep)
     finally:
         if proc.running:
             await proc.stop()
@@ -106,12 +111,15 @@ def main() -> None:
     p.add_argument("--agents", type=int, default=16)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="copy the callgrind output into DIR (read it with callgrind_annotate)")
     args = p.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("bench.instructions needs valgrind (apt-get install valgrind)")
 
     async def run() -> int:
-        print(json.dumps(await count(args.round_trips, args.agents, args.clients, args.warmup)))
+        print(json.dumps(await count(args.round_trips, args.agents, args.clients, args.warmup,
+                                      args.keep)))
         return 0
 
     run_on_uvloop(run())
