@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +90,46 @@ MIGRATIONS: list[str] = [
     DROP INDEX tasks_agent;
     DROP INDEX tasks_submitter;
     INSERT INTO settings VALUES ('tasks_indexed', (SELECT coalesce(max(id), 0) FROM tasks));
+    """,
+    # The state index goes the same way (tasks_by_state, written with the other look-ups), and
+    # tasks and audit lose AUTOINCREMENT: it wrote sqlite_sequence for every inserted row, and
+    # with task ids given by the server and nothing ever deleted, max(id) + 1 is what it gave.
+    # Together a third of SQLite's work per round trip. The old highest task id is kept for
+    # tasks_recover, which used to read it from sqlite_sequence.
+    """
+    INSERT INTO settings VALUES ('tasks_seq',
+        (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'tasks'));
+    CREATE TABLE tasks_new (
+        id INTEGER PRIMARY KEY,
+        agent TEXT NOT NULL,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        submitted_by TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        delivered_ms INTEGER,
+        finished_ms INTEGER,
+        result TEXT
+    );
+    INSERT INTO tasks_new SELECT id, agent, type, payload, state, submitted_by, created_ms,
+        expires_ms, delivered_ms, finished_ms, result FROM tasks ORDER BY id;
+    DROP TABLE tasks;
+    ALTER TABLE tasks_new RENAME TO tasks;
+    CREATE TABLE audit_new (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        actor TEXT,
+        action TEXT NOT NULL,
+        detail TEXT,
+        address TEXT
+    );
+    INSERT INTO audit_new SELECT id, at_ms, actor, action, detail, address FROM audit ORDER BY id;
+    DROP TABLE audit;
+    ALTER TABLE audit_new RENAME TO audit;
+    CREATE TABLE tasks_by_state (state TEXT NOT NULL, id INTEGER NOT NULL,
+                                 PRIMARY KEY (state, id)) WITHOUT ROWID;
+    INSERT INTO tasks_by_state SELECT state, id FROM tasks ORDER BY state, id;
     """,
 ]
 
@@ -219,6 +259,7 @@ class Store:
                                                    initializer=background_priority)
         self._checkpointer: sqlite3.Connection | None = None
         self._unindexed = False  # tasks inserted since the last tasks_index
+        self._restated: set[int] = set()  # tasks whose state changed since it, by id
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -276,20 +317,31 @@ class Store:
                 await copy()
 
     async def index_tasks(self) -> None:
-        """Brings tasks_by_agent and tasks_by_submitter up to date (and, like barrier(),
-        waits for everything queued before it)."""
-        self._unindexed = False
+        """Brings the look-up tables up to date (and, like barrier(), waits for everything
+        queued before it)."""
         try:
-            await self.writer.write(tasks_index)
-        except sqlite3.Error as exc:  # a full disk, say: the history still answers from what is
-            self._unindexed = True    # indexed, the newest tasks missing under a filter
-            log.error("writing the task look-ups failed: %s", exc)
+            await self._index()
+        except sqlite3.Error:  # a full disk, say: the history still answers from what is
+            pass               # indexed, the newest tasks missing under a filter (logged)
 
     def index_tasks_soon(self) -> None:
-        """The periodic tasks_index (app.py): in the next batch, if anything was inserted."""
-        if self._unindexed:
-            self._unindexed = False
-            self.writer.write_nowait(tasks_index)
+        """The periodic tasks_index (app.py): in the next batch, if anything changed."""
+        if self._unindexed or self._restated:
+            self._index()
+
+    def _index(self) -> asyncio.Future[Any]:
+        restated, self._restated = self._restated, set()
+        self._unindexed = False
+        done = self.writer.write(lambda conn: tasks_index(conn, restated))
+        done.add_done_callback(lambda fut: self._index_failed(fut, restated))
+        return done
+
+    def _index_failed(self, fut: asyncio.Future[Any], restated: set[int]) -> None:
+        failed = fut.exception()
+        if failed is not None:  # the next pass does it all again
+            self._unindexed = True
+            self._restated |= restated
+            log.error("writing the task look-ups failed: %s", failed)
 
     def save_task(self, task: Task) -> asyncio.Future[Any]:
         """Writes the task as it is now; the future resolves at the commit. Its first save is an
@@ -300,6 +352,7 @@ class Store:
                task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms or 0,
                task.finished_ms or 0, "" if task.result is None else codec.dumps(task.result))
         if task.stored:
+            self._restated.add(task.id)
             return self.rows.add(_UPDATE, row, task.id, unless_pending=_INSERT)
         task.stored = True
         self._unindexed = True
@@ -365,8 +418,9 @@ def task_row(conn: sqlite3.Connection, task_id: int) -> dict[str, Any] | None:
 def task_rows(conn: sqlite3.Connection, target: str | None, state: str | None,
               submitted_by: str | None, before_id: int | None, ids: list[int] | None,
               limit: int) -> list[dict[str, Any]]:
-    """Newest first. Indexed through tasks_by_agent or tasks_by_submitter when filtered by
-    either: the caller runs `tasks_index` first, so what was inserted just now is found too."""
+    """Newest first. Indexed through tasks_by_agent, tasks_by_submitter or tasks_by_state
+    when filtered by them: the caller runs `tasks_index` first, so what was inserted or
+    changed just now is found too. The state is checked on the task row as well."""
     where, args = [], []  # type: list[str], list[Any]
     source, order = "tasks t", "t.id"
     if target is not None:
@@ -377,6 +431,10 @@ def task_rows(conn: sqlite3.Connection, target: str | None, state: str | None,
         source, order = "tasks_by_submitter x JOIN tasks t ON t.id = x.id", "x.id"
         where.append("x.submitted_by = ?")
         args.append(submitted_by)
+    elif state is not None:
+        source, order = "tasks_by_state x JOIN tasks t ON t.id = x.id", "x.id"
+        where.append("x.state = ?")
+        args.append(state)
     for column, value in (("state", state), ("submitted_by", submitted_by)):
         if value is not None:
             where.append(f"t.{column} = ?")
@@ -393,16 +451,22 @@ def task_rows(conn: sqlite3.Connection, target: str | None, state: str | None,
     return [dict(zip(TASK_COLUMNS, row)) for row in rows]
 
 
-# The look-up tables of migration 2: each with the tasks column it holds, and where that column
-# sits in a row of TASK_INSERT (constants: the f-strings below take nothing from outside).
-_LOOKUPS = (("tasks_by_agent", "agent", 1), ("tasks_by_submitter", "submitted_by", 5))
+# The look-up tables of migrations 2 and 3: each with the tasks column it holds, and where that
+# column sits in a row of TASK_INSERT (constants: the f-strings below take nothing from outside).
+_LOOKUPS = (("tasks_by_agent", "agent", 1), ("tasks_by_submitter", "submitted_by", 5),
+            ("tasks_by_state", "state", 4))
 
 
-def tasks_index(conn: sqlite3.Connection) -> None:
-    """Writes the tasks_by_agent and tasks_by_submitter rows of the tasks inserted since the
-    last call, sorted, so that each index page is written once for all of them. Tasks are
-    inserted in id order, so "since" is an id: the highest one indexed, kept in settings."""
+def tasks_index(conn: sqlite3.Connection, restated: Iterable[int] = ()) -> None:
+    """Writes the look-up rows of the tasks inserted since the last call, sorted, so that each
+    of their pages is written once for all of them. Tasks are inserted in id order, so "since"
+    is an id: the highest one indexed, kept in settings. Of the tasks indexed before, those in
+    `restated` changed state since: their tasks_by_state rows are written again.
+
+    Only a queued or delivered task can change state, so only such tasks_by_state rows can be
+    out of date, also after a crash (`tasks_recover` looks them over)."""
     mark = int(setting_get(conn, "tasks_indexed") or 0)
+    _restate(conn, sorted(n for n in restated if n <= mark))
     top = conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0
     if top <= mark:
         return
@@ -412,21 +476,41 @@ def tasks_index(conn: sqlite3.Connection) -> None:
     setting_set(conn, "tasks_indexed", str(top))
 
 
+def _restate(conn: sqlite3.Connection, ids: list[int]) -> None:
+    """The tasks_by_state rows of these tasks, from their task rows as they are now."""
+    conn.executemany("DELETE FROM tasks_by_state WHERE state IN ('queued', 'delivered') "
+                     "AND id = ?", ((n,) for n in ids))
+    conn.executemany("INSERT OR IGNORE INTO tasks_by_state SELECT state, id FROM tasks "
+                     "WHERE id = ?", ((n,) for n in ids))
+
+
+def _restate_stale(conn: sqlite3.Connection) -> None:
+    """What a crash left out of date in tasks_by_state: queued or delivered rows of tasks
+    whose state changed after the last tasks_index (as many as were open then, at most)."""
+    _restate(conn, [n for n, in conn.execute(
+        "SELECT x.id FROM tasks_by_state x JOIN tasks t ON t.id = x.id "
+        "WHERE x.state IN ('queued', 'delivered') AND t.state != x.state")])
+
+
 def tasks_recover(conn: sqlite3.Connection, now_ms: int) -> tuple[int, list[dict[str, Any]]]:
     """At start-up: delivered tasks without a result fail; returns (next id, queued tasks)."""
     conn.execute("BEGIN IMMEDIATE")
-    conn.execute("UPDATE tasks SET state = 'failed', finished_ms = ?, result = ? "
-                 "WHERE state = 'delivered'",
-                 (now_ms, json.dumps({"error": True, "msg": "no result"})))
-    conn.execute("UPDATE tasks SET state = 'expired', finished_ms = ? "
-                 "WHERE state = 'queued' AND expires_ms <= ?", (now_ms, now_ms))
     tasks_index(conn)  # what the last run inserted after its last tasks_index
+    _restate_stale(conn)  # and what changed state after it
+    open_ids = "SELECT id FROM tasks_by_state WHERE state = ?"
+    conn.execute(f"UPDATE tasks SET state = 'failed', finished_ms = ?, result = ? "
+                 f"WHERE id IN ({open_ids})",
+                 (now_ms, json.dumps({"error": True, "msg": "no result"}), "delivered"))
+    conn.execute(f"UPDATE tasks SET state = 'expired', finished_ms = ? "
+                 f"WHERE id IN ({open_ids}) AND expires_ms <= ?", (now_ms, "queued", now_ms))
+    _restate_stale(conn)
     conn.execute("COMMIT")
-    rows = conn.execute(_TASK_SELECT + " WHERE state = 'queued' ORDER BY id").fetchall()
-    # AUTOINCREMENT's sequence remembers the highest id ever used, even of deleted rows.
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+    rows = conn.execute(_TASK_SELECT + f" WHERE id IN ({open_ids}) ORDER BY id",
+                        ("queued",)).fetchall()
+    # The highest id ever given out (tasks_seq: as AUTOINCREMENT had it before migration 3).
+    seq = int(setting_get(conn, "tasks_seq") or 0)
     top = conn.execute("SELECT max(id) FROM tasks").fetchone()[0]
-    next_id = max(seq[0] if seq else 0, top or 0) + 1
+    next_id = max(seq, top or 0) + 1
     return next_id, [dict(zip(TASK_COLUMNS, row)) for row in rows]
 
 

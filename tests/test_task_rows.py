@@ -152,7 +152,7 @@ def test_an_old_database_gets_the_look_ups_of_its_tasks(tmp_path: Path) -> None:
 
 async def test_history_still_answers_when_the_look_ups_cannot_be_written(
         db: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def disk_full(conn: sqlite3.Connection) -> None:
+    def disk_full(conn: sqlite3.Connection, restated: object = ()) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     for task in _tasks(1, 3):
@@ -163,3 +163,86 @@ async def test_history_still_answers_when_the_look_ups_cannot_be_written(
     assert await db.read(store.task_row, 3) is not None  # the tasks themselves are in
     monkeypatch.undo()
     assert await by(db, target="pc1") == [1]  # and the look-ups catch up once they can
+
+
+async def test_history_by_state_follows_each_change_of_state(db: Store) -> None:
+    tasks = _tasks(1, 6)
+    for task in tasks:
+        db.save_task(task)
+    assert await by(db, state="queued") == [6, 5, 4, 3, 2, 1]  # indexed now, as queued
+    tasks[1].state, tasks[1].delivered_ms = TaskState.DELIVERED, 2000
+    tasks[2].state, tasks[2].finished_ms = TaskState.CANCELLED, 2000
+    for task in tasks[1:3]:
+        db.save_task(task)
+    assert await by(db, state="queued") == [6, 5, 4, 1]
+    assert await by(db, state="delivered") == [2]
+    assert await by(db, state="cancelled") == [3]
+    tasks[1].state, tasks[1].delivered_ms = TaskState.QUEUED, None  # handed back
+    db.save_task(tasks[1])
+    assert await by(db, state="delivered") == []
+    assert await by(db, state="queued") == [6, 5, 4, 2, 1]
+    assert await by(db, state="queued", before_id=4) == [2, 1]
+    assert await by(db, target="pc1", state="queued") == [4, 1]
+
+
+async def test_what_changed_state_after_the_last_index_is_right_after_a_crash(
+        tmp_path: Path) -> None:
+    """States written, their look-ups not (a kill -9 between two passes): the start-up finds
+    the delivered task (fails it), the expired one and the queued ones by their real state."""
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0)
+    await db.open()
+    tasks = _tasks(1, 5)
+    tasks[4].expires_ms = 4000
+    for task in tasks:
+        db.save_task(task)
+    await db.index_tasks()  # all five indexed as queued
+    tasks[0].state, tasks[0].finished_ms, tasks[0].result = TaskState.DONE, 3000, {"error": False}
+    tasks[1].state, tasks[1].delivered_ms = TaskState.DELIVERED, 3000
+    for task in tasks[:2]:
+        await db.save_task(task)
+    db._restated.clear()  # as if the process died here, before the next pass
+    await db.close()
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0)
+    await db.open()
+    try:
+        next_id, queued = await db.read(store.tasks_recover, 5000)
+        assert next_id == 6
+        assert [t["id"] for t in queued] == [3, 4]
+        assert await by(db, state="done") == [1]
+        assert await by(db, state="failed") == [2]
+        assert await by(db, state="expired") == [5]
+        assert await by(db, state="queued") == [4, 3]
+        assert await by(db, state="delivered") == []
+    finally:
+        await db.close()
+
+
+def test_a_version_2_database_keeps_its_ids_and_gets_the_state_look_ups(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in store.MIGRATIONS[:2]:
+        conn.executescript(migration)
+    conn.execute("PRAGMA user_version = 2")
+    for n, state in ((1, "done"), (2, "queued"), (3, "failed")):
+        conn.execute("INSERT INTO tasks (id, agent, type, payload, state, submitted_by, "
+                     "created_ms, expires_ms) VALUES (?, 'pc1', 'ping', '{}', ?, 'admin', 1, "
+                     "9999999999999)", (n, state))
+    conn.execute("UPDATE sqlite_sequence SET seq = 40 WHERE name = 'tasks'")  # 4-40: given out
+    conn.execute("INSERT INTO audit (at_ms, actor, action, detail) VALUES (1, 'a', 'login', '')")
+    conn.execute("INSERT INTO audit (at_ms, actor, action, detail) VALUES (2, 'a', 'logout', '')")
+    conn.close()
+    conn = store.connect(path)
+    try:
+        next_id, queued = store.tasks_recover(conn, 5000)
+        assert next_id == 41 and [t["id"] for t in queued] == [2]
+        assert [r["id"] for r in store.task_rows(conn, None, "failed", None, None, None, 50)] \
+            == [3]
+        assert [r["id"] for r in store.task_rows(conn, "pc1", None, None, None, None, 50)] \
+            == [3, 2, 1]
+        store.audit_write(conn, "a", "login", "", None)
+        assert [r[0] for r in store.audit_rows(conn, None, 50)] == [3, 2, 1]
+        sql = " ".join(r[0] for r in conn.execute("SELECT sql FROM sqlite_schema "
+                                                  "WHERE name IN ('tasks', 'audit')"))
+        assert "AUTOINCREMENT" not in sql
+    finally:
+        conn.close()
