@@ -9,7 +9,9 @@ The server runs under callgrind with counting off; after start-up and a warm-up 
 switches it on (`callgrind_control -i on`), sends exactly N blocking pings through bench agents
 that answer at once, and switches it off again. Kernel work (sockets, file writes) is not in
 the count, and the server runs about 50 times slower, so commits batch differently than at full
-speed: compare builds with each other, not with the timed figures.
+speed: compare builds with each other, not with the timed figures. The server's periodic
+work is slowed down alike (`--index-interval-s 5`, 50 x 0.1 s), so that each pass over the
+history's look-ups covers as many tasks as at full speed, and costs as much per round trip.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ async def count(round_trips: int, agents: int, clients: int, warmup: int,
                 keep: Path | None = None) -> dict[str, object]:
     tmp = workdir()
     out = tmp / "callgrind.out"
-    proc = dutserver(tmp)
+    proc = dutserver(tmp, "--index-interval-s", "5")
     proc.cmd[:0] = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                     f"--callgrind-out-file={out}"]
     try:

@@ -26,10 +26,6 @@ from dutserver.store import Store
 from dutserver.tasks import Tasks
 
 log = logging.getLogger("dutserver")
-# How often the tasks inserted meanwhile are written to the agent and submitter look-ups
-# (store.tasks_index): each of their index pages is written once per interval, not per commit.
-INDEX_INTERVAL_S = 0.1
-
 
 def create_app(settings: Settings) -> Starlette:
     routes = [*classic.routes(), *api.routes(), *ops.routes()]
@@ -48,7 +44,7 @@ def create_app(settings: Settings) -> Starlette:
         background = [
             asyncio.create_task(_every(settings.accounts_refresh_s, _refresh(auth, tasks))),
             asyncio.create_task(_every(settings.sweep_interval_s, _sweep(auth, tasks))),
-            asyncio.create_task(_every(INDEX_INTERVAL_S, _index(db))),
+            asyncio.create_task(_every(settings.index_interval_s, _index(db))),
         ]
         # What start-up built lives as long as the process: out of the collector's full passes.
         gc.freeze()

@@ -466,7 +466,9 @@ def tasks_index(conn: sqlite3.Connection, restated: Iterable[int] = ()) -> None:
     Only a queued or delivered task can change state, so only such tasks_by_state rows can be
     out of date, also after a crash (`tasks_recover` looks them over)."""
     mark = int(setting_get(conn, "tasks_indexed") or 0)
-    _restate(conn, sorted(n for n in restated if n <= mark))
+    changed = sorted(n for n in restated if n <= mark)  # the newer ones are inserted below
+    if changed:
+        _restate(conn, changed)
     top = conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0
     if top <= mark:
         return
