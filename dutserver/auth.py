@@ -341,6 +341,7 @@ class Auth:
         if digest is None:
             return False
         sess = self.sessions.pop(digest, None)
+        self._digests.pop(header, None)  # type: ignore[arg-type]  # a token that ended
         self.db.write_nowait(store.session_delete(digest))
         return sess is not None
 

@@ -259,7 +259,10 @@ class Store:
                                                    initializer=background_priority)
         self._checkpointer: sqlite3.Connection | None = None
         self._unindexed = False  # tasks inserted since the last tasks_index
-        self._restated: set[int] = set()  # tasks whose state changed since it, by id
+        # Tasks whose state changed, by id, with the number of that change: an id leaves
+        # once a pass that included it committed (a pass that fails must not take it along).
+        self._restated: dict[int, int] = {}
+        self._changes = 0
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -330,18 +333,19 @@ class Store:
             self._index()
 
     def _index(self) -> asyncio.Future[Any]:
-        restated, self._restated = self._restated, set()
+        restated, upto = list(self._restated), self._changes
         self._unindexed = False
         done = self.writer.write(lambda conn: tasks_index(conn, restated))
-        done.add_done_callback(lambda fut: self._index_failed(fut, restated))
+        done.add_done_callback(lambda fut: self._indexed(fut, upto))
         return done
 
-    def _index_failed(self, fut: asyncio.Future[Any], restated: set[int]) -> None:
+    def _indexed(self, fut: asyncio.Future[Any], upto: int) -> None:
         failed = fut.exception()
         if failed is not None:  # the next pass does it all again
             self._unindexed = True
-            self._restated |= restated
             log.error("writing the task look-ups failed: %s", failed)
+        else:  # what changed again after the pass was queued stays for the next one
+            self._restated = {n: c for n, c in self._restated.items() if c > upto}
 
     def save_task(self, task: Task) -> asyncio.Future[Any]:
         """Writes the task as it is now; the future resolves at the commit. Its first save is an
@@ -352,7 +356,8 @@ class Store:
                task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms or 0,
                task.finished_ms or 0, "" if task.result is None else codec.dumps(task.result))
         if task.stored:
-            self._restated.add(task.id)
+            self._changes += 1
+            self._restated[task.id] = self._changes
             return self.rows.add(_UPDATE, row, task.id, unless_pending=_INSERT)
         task.stored = True
         self._unindexed = True
@@ -374,7 +379,8 @@ def _write_rows(conn: sqlite3.Connection, rows: list[dict[Any, Any]]) -> None:
     if updates:
         if conn.executemany(TASK_UPDATE, updates.values()).rowcount < len(updates):
             # An insert that never landed (its batch failed): the whole row, once more, and
-            # its index rows (its id may be below what tasks_index has done by now).
+            # its agent and submitter look-ups (its id may be below what tasks_index has done
+            # by now). Its state look-up comes with the next pass, as for every update.
             conn.executemany(TASK_SAVE, updates.values())
             for table, _, field in _LOOKUPS:
                 conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)",
@@ -453,8 +459,9 @@ def task_rows(conn: sqlite3.Connection, target: str | None, state: str | None,
 
 # The look-up tables of migrations 2 and 3: each with the tasks column it holds, and where that
 # column sits in a row of TASK_INSERT (constants: the f-strings below take nothing from outside).
-_LOOKUPS = (("tasks_by_agent", "agent", 1), ("tasks_by_submitter", "submitted_by", 5),
-            ("tasks_by_state", "state", 4))
+# A task's agent and submitter never change; its state has a look-up that follows it.
+_LOOKUPS = (("tasks_by_agent", "agent", 1), ("tasks_by_submitter", "submitted_by", 5))
+_STATE_LOOKUP = ("tasks_by_state", "state", 4)
 
 
 def tasks_index(conn: sqlite3.Connection, restated: Iterable[int] = ()) -> None:
@@ -472,7 +479,7 @@ def tasks_index(conn: sqlite3.Connection, restated: Iterable[int] = ()) -> None:
     top = conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0
     if top <= mark:
         return
-    for table, column, _ in _LOOKUPS:
+    for table, column, _ in (*_LOOKUPS, _STATE_LOOKUP):
         conn.execute(f"INSERT OR IGNORE INTO {table} SELECT {column}, id FROM tasks "
                      f"WHERE id > ? ORDER BY {column}, id", (mark,))
     setting_set(conn, "tasks_indexed", str(top))

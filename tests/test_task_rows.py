@@ -246,3 +246,40 @@ def test_a_version_2_database_keeps_its_ids_and_gets_the_state_look_ups(tmp_path
         assert "AUTOINCREMENT" not in sql
     finally:
         conn.close()
+
+
+async def test_a_change_whose_pass_failed_is_in_the_next_pass(
+        db: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A periodic pass that fails must not take the changes it held with it: a history query
+    whose own pass runs meanwhile still finds the task in its new state."""
+    tasks = _tasks(1, 3)
+    for task in tasks:
+        db.save_task(task)
+    await db.index_tasks()
+    tasks[1].state, tasks[1].delivered_ms = TaskState.DELIVERED, 2000
+    db.save_task(tasks[1])
+    real, failures = store.tasks_index, []
+
+    def fail_once(conn: sqlite3.Connection, restated: list[int]) -> None:
+        if len(failures) < 2:  # the pass fails in its batch and again on its own
+            failures.append(restated)
+            raise sqlite3.OperationalError("disk I/O error")
+        real(conn, restated)
+
+    monkeypatch.setattr(store, "tasks_index", fail_once)
+    db.index_tasks_soon()  # the periodic pass, holding task 2's change
+    assert await by(db, state="delivered") == [2]
+    assert failures and all(2 in ids for ids in failures)
+
+
+async def test_a_task_recorded_by_the_fallback_is_listed_once_under_its_state(db: Store) -> None:
+    late = Task(1, "pc9", "ping", {}, "admin", 1000, 9000, payload_json="{}", stored=True)
+    late.state, late.delivered_ms = TaskState.DELIVERED, 2000
+    await db.save_task(late)  # its insert never landed: the fallback writes the row
+    late.state, late.delivered_ms = TaskState.QUEUED, None  # handed back
+    await db.save_task(late)
+    assert await by(db, state="queued") == [1]
+    assert await by(db, state="delivered") == []
+    await db.barrier()
+    assert await db.read(lambda conn: conn.execute(
+        "SELECT state, id FROM tasks_by_state").fetchall()) == [("queued", 1)]
