@@ -39,6 +39,8 @@ class Settings:
     accounts_refresh_s: float = field(
         default=0.25, metadata={"help": "how often CLI account changes are picked up"})
     sweep_interval_s: float = field(default=1.0, metadata={"help": "expiry sweep period"})
+    checkpoint_interval_s: float = field(
+        default=0.1, metadata={"help": "how often the WAL is copied into the database file"})
     index_interval_s: float = field(
         default=0.1, metadata={"help": "how often new tasks and changed states are written to "
                                        "the history's look-up tables"})
@@ -114,7 +116,7 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None,
 def _check(s: Settings) -> None:
     positive = ["poll_timeout_s", "submit_timeout_s", "submit_timeout_max_s", "task_expiry_s",
                 "session_idle_s", "session_max_s", "ban_s", "accounts_refresh_s",
-                "sweep_interval_s", "index_interval_s", "queue_max", "body_max_bytes", "ban_failures",
+                "sweep_interval_s", "checkpoint_interval_s", "index_interval_s", "queue_max", "body_max_bytes", "ban_failures",
                 "ban_address_failures"]
     for name in positive:
         if getattr(s, name) <= 0:

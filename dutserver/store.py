@@ -262,6 +262,7 @@ class Store:
         # Tasks whose state changed, by id, with the number of that change: an id leaves
         # once a pass that included it committed (a pass that fails must not take it along).
         self._restated: dict[int, int] = {}
+        self._checkpointed_commits = -1  # the writer's commit count at the last checkpoint
         self._changes = 0
 
     async def open(self) -> None:
@@ -307,6 +308,9 @@ class Store:
         held, copying the little left; the next commit writes the WAL from its start again."""
         if not isinstance(self.writer, InlineGroupCommitWriter):
             return  # the writer thread checkpoints itself (wal_autocheckpoint)
+        if self.writer.commits == self._checkpointed_commits:
+            return  # nothing committed since the last pass
+        self._checkpointed_commits = self.writer.commits
         loop = asyncio.get_running_loop()
         conn = self._checkpointer
         assert conn is not None, "store not open"

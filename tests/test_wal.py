@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_support import Admin
+from support import start_server, wait_until
 
 from dutserver.model import Task, TaskState
 from dutserver.store import Store
@@ -21,7 +23,7 @@ PAYLOAD = '{"pad": "' + "x" * 1000 + '"}'  # rows of a busy server's size: a WAL
 
 async def steady_writes(db: Store, seconds: float) -> int:
     """Task rows saved and committed back to back, with checkpoints every 20 ms meanwhile, as
-    the server's sweep does every second. Returns how large the WAL grew."""
+    the server does every checkpoint_interval_s. Returns how large the WAL grew."""
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + seconds
     largest = 0
@@ -98,3 +100,18 @@ async def test_commits_are_held_only_while_the_wal_is_long(tmp_path: Path,
 def _task(task_id: int) -> Task:
     return Task(task_id, f"pc{task_id % 50}", "ping", {"pad": "x" * 200}, "admin", 1, 2,
                 TaskState.DONE, 1, 2, {"pong": True}, payload_json='{"pad": "' + "x" * 200 + '"}')
+
+
+def test_the_running_server_copies_its_wal_into_the_database(tmp_path: Path) -> None:
+    """What is committed reaches the database file while the server runs, every
+    checkpoint_interval_s, not only at its stop: a WAL never copied grows without end."""
+    server = start_server(tmp_path, "--checkpoint-interval-s", "0.05")
+    try:
+        admin = Admin(server)
+        admin.add_agent("pc1")
+        before = server.db.stat().st_size
+        for _ in range(20):  # about 1 MB of payloads, queued for an agent that never polls
+            admin.enqueue("pc1", {"type": "execute_cmd", "cmd": "x" * 50_000})
+        wait_until(lambda: server.db.stat().st_size > before + 500_000, timeout_s=5)
+    finally:
+        server.stop()
