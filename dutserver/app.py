@@ -45,9 +45,8 @@ def create_app(settings: Settings) -> Starlette:
             asyncio.create_task(_every(settings.accounts_refresh_s, _refresh(auth, tasks))),
             asyncio.create_task(_every(settings.sweep_interval_s, _sweep(auth, tasks))),
             asyncio.create_task(_every(settings.index_interval_s, _index(db))),
-            # Often, so that each pass copies little: a pass copying a second's WAL took 23-41 ms
-            # of the one core beside the loop, and the half-load p99 was 17.9 ms against 12.4
-            # (medians of ten rounds, bench/README.md "Session 5").
+            # Once a second: every 0.1 s made the half-load p99 neither better nor worse
+            # (bench/README.md, "Session 5").
             asyncio.create_task(_every(settings.checkpoint_interval_s, db.checkpoint)),
         ]
         # What start-up built lives as long as the process: out of the collector's full passes.

@@ -40,7 +40,7 @@ class Settings:
         default=0.25, metadata={"help": "how often CLI account changes are picked up"})
     sweep_interval_s: float = field(default=1.0, metadata={"help": "expiry sweep period"})
     checkpoint_interval_s: float = field(
-        default=0.1, metadata={"help": "how often the WAL is copied into the database file"})
+        default=1.0, metadata={"help": "how often the WAL is copied into the database file"})
     index_interval_s: float = field(
         default=0.1, metadata={"help": "how often new tasks and changed states are written to "
                                        "the history's look-up tables"})
