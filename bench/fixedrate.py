@@ -51,7 +51,7 @@ async def one_round(rate: float, agents: int, server_args: list[str], warmup_s: 
             "server_us_per_round_trip": round(used["server_cpu"] / per_s * 1e6, 1)
             if per_s and used.get("server_cpu") is not None else None,
             "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "errors": errors,
-            "other_load": used.get("other_load")}
+            "other_load": used.get("other_load"), "steal": used.get("steal")}
 
 
 def main() -> None:
