@@ -338,10 +338,10 @@ class Auth:
 
     def logout(self, header: str | None) -> bool:
         digest = self._digest(header)
-        if digest is None:
+        if header is None or digest is None:
             return False
         sess = self.sessions.pop(digest, None)
-        self._digests.pop(header, None)  # type: ignore[arg-type]  # a token that ended
+        self._digests.pop(header, None)  # a token that ended
         self.db.write_nowait(store.session_delete(digest))
         return sess is not None
 

@@ -116,8 +116,8 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None,
 def _check(s: Settings) -> None:
     positive = ["poll_timeout_s", "submit_timeout_s", "submit_timeout_max_s", "task_expiry_s",
                 "session_idle_s", "session_max_s", "ban_s", "accounts_refresh_s",
-                "sweep_interval_s", "checkpoint_interval_s", "index_interval_s", "queue_max", "body_max_bytes", "ban_failures",
-                "ban_address_failures"]
+                "sweep_interval_s", "checkpoint_interval_s", "index_interval_s", "queue_max",
+                "body_max_bytes", "ban_failures", "ban_address_failures"]
     for name in positive:
         if getattr(s, name) <= 0:
             raise ValueError(f"{name} must be positive")

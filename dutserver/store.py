@@ -262,8 +262,8 @@ class Store:
         # Tasks whose state changed, by id, with the number of that change: an id leaves
         # once a pass that included it committed (a pass that fails must not take it along).
         self._restated: dict[int, int] = {}
-        self._checkpointed_commits = -1  # the writer's commit count at the last checkpoint
         self._changes = 0
+        self._checkpointed_commits = -1  # the writer's commit count at the last checkpoint
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
