@@ -175,8 +175,11 @@ class CpuMeter:
         user1, sys1 = proc_cpu_split_s(self.server_pid) if self.server_pid else (0.0, 0.0)
         srv = (user1 - user0 + sys1 - sys0) / wall
         cores1 = _core_busy_s()
-        busy = {c: (cores1[c][0] - cores0.get(c, (0.0, 0.0))[0]) / wall for c in cores1}
-        stolen = {c: (cores1[c][1] - cores0.get(c, (0.0, 0.0))[1]) / wall for c in cores1}
+        busy: dict[int, float] = {}
+        stolen: dict[int, float] = {}
+        for c, (busy1, stolen1) in cores1.items():
+            busy0, stolen0 = cores0.get(c, (0.0, 0.0))
+            busy[c], stolen[c] = (busy1 - busy0) / wall, (stolen1 - stolen0) / wall
         self.result["generator_cpu"] = round(gen, 2)
         if self.server_pid:
             self.result["server_cpu"] = round(srv, 2)

@@ -511,12 +511,14 @@ def tasks_recover(conn: sqlite3.Connection, now_ms: int) -> tuple[int, list[dict
     tasks_index(conn)  # what the last run inserted after its last tasks_index
     _restate_stale(conn)  # and what changed state after it
     open_ids = "SELECT id FROM tasks_by_state WHERE state = ?"
-    conn.execute(f"UPDATE tasks SET state = 'failed', finished_ms = ?, result = ? "
-                 f"WHERE id IN ({open_ids})",
-                 (now_ms, json.dumps({"error": True, "msg": "no result"}), "delivered"))
-    conn.execute(f"UPDATE tasks SET state = 'expired', finished_ms = ? "
-                 f"WHERE id IN ({open_ids}) AND expires_ms <= ?", (now_ms, "queued", now_ms))
-    _restate_stale(conn)
+    ended = conn.execute(f"UPDATE tasks SET state = 'failed', finished_ms = ?, result = ? "
+                         f"WHERE id IN ({open_ids}) RETURNING id",
+                         (now_ms, json.dumps({"error": True, "msg": "no result"}),
+                          "delivered")).fetchall()
+    ended += conn.execute(f"UPDATE tasks SET state = 'expired', finished_ms = ? "
+                          f"WHERE id IN ({open_ids}) AND expires_ms <= ? RETURNING id",
+                          (now_ms, "queued", now_ms)).fetchall()
+    _restate(conn, sorted(n for n, in ended))
     conn.execute("COMMIT")
     rows = conn.execute(_TASK_SELECT + f" WHERE id IN ({open_ids}) ORDER BY id",
                         ("queued",)).fetchall()
