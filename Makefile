@@ -6,20 +6,26 @@ PORT    ?= 8080
 DB      ?= dutserver.db
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-test run test bench lint clean
+.PHONY: install install-test native run test bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[native]'
+	@# The hot path compiled (dutserver/native.py); without a C compiler it runs interpreted.
+	-$(BIN)/dutserver compile
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 install-test: $(STAMP)
+
+# Compiles the hot path unless build/native is a build of the sources as they are (a no-op then).
+native: $(STAMP)
+	$(BIN)/dutserver compile
 
 run: install
 	@if [ ! -f "$(DB)" ]; then \
@@ -29,10 +35,10 @@ run: install
 	fi
 	$(BIN)/dutserver server $(PORT) $(DB)
 
-test: install-test
+test: native
 	$(BIN)/python -m pytest -q
 
-bench: install-test
+bench: native
 	$(BIN)/python -m bench.run
 
 lint: install-test
@@ -40,4 +46,4 @@ lint: install-test
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache test-artifacts

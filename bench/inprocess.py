@@ -28,7 +28,7 @@ from dutserver.config import Settings
 from dutserver.dispatcher import Dispatcher
 from dutserver.protocol import DirectRequest
 from dutserver.routes import classic
-from dutserver.routes.common import Reply
+from dutserver.routes.common import Endpoint, Reply
 from dutserver.store import Store, account_add
 from dutserver.tasks import Tasks
 
@@ -44,9 +44,12 @@ class HotPath:
 
     def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]],
                 query: bytes = b"") -> DirectRequest:
-        return DirectRequest(None, method, path.encode(), headers,  # type: ignore[arg-type]
+        return DirectRequest(_NO_ENDPOINT, method, path.encode(), headers,
                              dict(reversed(headers)), query, True, False, self.state,
                              "127.0.0.1")
+
+
+_NO_ENDPOINT = Endpoint({})  # the handlers are called directly, not through an Endpoint
 
 
 async def hot_path(db_path: Path, agents: int, **settings: Any) -> HotPath:

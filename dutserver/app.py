@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from dutserver import native
 from dutserver.auth import Auth
 from dutserver.config import Settings
 from dutserver.dispatcher import Dispatcher
@@ -51,7 +52,9 @@ def create_app(settings: Settings) -> Starlette:
         ]
         # What start-up built lives as long as the process: out of the collector's full passes.
         gc.freeze()
-        log.info("dutserver ready: %s (%d accounts)", settings.db_path, len(auth.accounts))
+        log.info("dutserver ready: %s (%d accounts; hot path %s)", settings.db_path,
+                 len(auth.accounts), "compiled" if native.active() else
+                 "interpreted: build it with `make native` (dutserver/native.py)")
         try:
             yield {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,
                    "tasks": tasks, "openapi": openapi,

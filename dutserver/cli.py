@@ -56,6 +56,24 @@ def server(port: int, dbfile: Path, config_file: Path | None, **flags: Any) -> N
     server_module.run(settings)
 
 
+@main.command("compile")
+@click.option("--force", is_flag=True, help="Rebuild even if the build is up to date.")
+def compile_(force: bool) -> None:
+    """Compile the hot path to C with mypyc (dutserver/native.py); needs a C compiler."""
+    import subprocess
+
+    from dutserver import native
+    if native.is_fresh() and not force:
+        click.echo(f"dutserver: the compiled hot path in {native.NATIVE_DIR} is up to date")
+        return
+    click.echo("dutserver: compiling the hot path (mypyc, about half a minute)…")
+    try:
+        native.build()
+    except (OSError, ImportError, subprocess.CalledProcessError) as exc:
+        _fail(f"the hot path was not compiled ({exc}); the server runs it interpreted")
+    click.echo(f"dutserver: compiled into {native.NATIVE_DIR}")
+
+
 def _fail(msg: str) -> None:
     click.echo(f"dutserver: {msg}", err=True)
     sys.exit(1)

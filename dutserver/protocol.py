@@ -133,7 +133,10 @@ class Protocol(HttpToolsProtocol):
         client = self.client
         self.address = str(client[0]) if client else "unknown"
         self.endpoints: dict[bytes, Endpoint] = self.app_state.get("endpoints") or {}
-        self.body_max_bytes: int = self.app_state["settings"].body_max_bytes
+        settings = self.app_state["settings"]
+        self.body_max_bytes: int = settings.body_max_bytes
+        # uvicorn's timeout_keep_alive is declared int, and the compiled code checks that
+        self.keep_alive_s: float = settings.keep_alive_s
         self.dispatcher = self.app_state["dispatcher"]
 
     def on_message_begin(self) -> None:
@@ -151,7 +154,7 @@ class Protocol(HttpToolsProtocol):
         expect = by_name.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue":
             self.expect_100_continue = True
-        url = httptools.parse_url(self.url)
+        url: Any = httptools.parse_url(self.url)  # its stub says bytes where None can come
         endpoint = self.endpoints.get(url.path)
         parser = self.parser
         if endpoint is None or parser.should_upgrade():
@@ -305,7 +308,7 @@ class Protocol(HttpToolsProtocol):
             return
         self._idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+            self.timeout_keep_alive_task = self.loop.call_later(self.keep_alive_s,
                                                                 self._keep_alive_check)
 
     def _keep_alive_check(self) -> None:
@@ -313,11 +316,11 @@ class Protocol(HttpToolsProtocol):
         if self._idle_since is None or self.transport.is_closing():
             return  # busy (a long-poll, say): the next response arms the timer again
         idle_s = self.loop.time() - self._idle_since
-        if idle_s >= self.timeout_keep_alive:
+        if idle_s >= self.keep_alive_s:
             self.transport.close()
         else:
             self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive - idle_s, self._keep_alive_check)
+                self.keep_alive_s - idle_s, self._keep_alive_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         running = self._running

@@ -259,6 +259,9 @@ class Store:
                                                    initializer=background_priority)
         self._checkpointer: sqlite3.Connection | None = None
         self._unindexed = False  # tasks inserted since the last tasks_index
+        # The look-up pass, an attribute so that tests can make it fail as a full disk would
+        # (compiled, a patch of the module's function would not reach this module's calls).
+        self.index_pass: Callable[[sqlite3.Connection, list[int]], None] = tasks_index
         # Tasks whose state changed, by id, with the number of that change: an id leaves
         # once a pass that included it committed (a pass that fails must not take it along).
         self._restated: dict[int, int] = {}
@@ -339,7 +342,8 @@ class Store:
     def _index(self) -> asyncio.Future[Any]:
         restated, upto = list(self._restated), self._changes
         self._unindexed = False
-        done = self.writer.write(lambda conn: tasks_index(conn, restated))
+        index_pass = self.index_pass
+        done = self.writer.write(lambda conn: index_pass(conn, restated))
         done.add_done_callback(lambda fut: self._indexed(fut, upto))
         return done
 

@@ -29,14 +29,14 @@ class GroupCommitWriter:
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._worker_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0  # batches committed; read by tests and the bench to see the batching
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="dutserver-writer", daemon=True)
-        self._thread.start()
+        self._worker_thread = threading.Thread(target=self._run, name="dutserver-writer", daemon=True)
+        self._worker_thread.start()
 
     def write(self, op: Op) -> asyncio.Future[Any]:
         """Queues op; the future resolves with its return value once its batch is committed."""
@@ -55,10 +55,10 @@ class GroupCommitWriter:
 
     def stop(self) -> None:
         """Commits what is queued, then ends the thread."""
-        if self._thread is not None:
+        if self._worker_thread is not None:
             self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
+            self._worker_thread.join()
+            self._worker_thread = None
 
     def _run(self) -> None:
         conn = self._connect()
@@ -116,6 +116,7 @@ class InlineGroupCommitWriter:
         self._last_commit = float("-inf")
         self._held = False
         self.commits = 0
+        self.holds = 0  # times held() ran: read by tests
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -141,6 +142,7 @@ class InlineGroupCommitWriter:
         """No commits inside (writes queue up and go in one batch after): lets a checkpoint
         on its thread catch up with the WAL's end, so that the WAL can start over."""
         self._held = True
+        self.holds += 1
         try:
             yield
         finally:

@@ -157,7 +157,7 @@ async def test_history_still_answers_when_the_look_ups_cannot_be_written(
 
     for task in _tasks(1, 3):
         db.save_task(task)
-    monkeypatch.setattr(store, "tasks_index", disk_full)
+    monkeypatch.setattr(db, "index_pass", disk_full)
     await db.index_tasks()  # no exception: the history answers from what is indexed
     assert "database or disk is full" in caplog.text
     assert await db.read(store.task_row, 3) is not None  # the tasks themselves are in
@@ -266,7 +266,7 @@ async def test_a_change_whose_pass_failed_is_in_the_next_pass(
             raise sqlite3.OperationalError("disk I/O error")
         real(conn, restated)
 
-    monkeypatch.setattr(store, "tasks_index", fail_once)
+    monkeypatch.setattr(db, "index_pass", fail_once)
     db.index_tasks_soon()  # the periodic pass, holding task 2's change
     assert await by(db, state="delivered") == [2]
     assert failures and all(2 in ids for ids in failures)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 from agent_support import Admin
@@ -16,6 +15,7 @@ from support import start_server, wait_until
 
 from dutserver.model import Task, TaskState
 from dutserver.store import Store
+from dutserver.writer import InlineGroupCommitWriter
 
 RESTART_BYTES = 256 * 1024
 PAYLOAD = '{"pad": "' + "x" * 1000 + '"}'  # rows of a busy server's size: a WAL that grows fast
@@ -67,31 +67,23 @@ async def test_wal_starts_over_under_steady_writes(tmp_path: Path, restart_bytes
         assert largest > 64 * RESTART_BYTES, f"the WAL stayed at {largest} bytes"
 
 
-async def test_commits_are_held_only_while_the_wal_is_long(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_commits_are_held_only_while_the_wal_is_long(tmp_path: Path) -> None:
     """The WAL file keeps its size when it starts over, so its size says nothing about how much
     it holds: judged by it, every checkpoint after the first restart held all commits."""
     db = Store(tmp_path / "dut.db", "NORMAL", 0.0, RESTART_BYTES)
     await db.open()
-    held = 0
-    real_held = db.writer.held  # type: ignore[union-attr]
-
-    def counting_held() -> Any:
-        nonlocal held
-        held += 1
-        return real_held()
-
-    monkeypatch.setattr(db.writer, "held", counting_held)
+    writer = db.writer
+    assert isinstance(writer, InlineGroupCommitWriter)
     try:
         await asyncio.gather(*(db.save_task(_task(n)) for n in range(1, 2001)))
         await db.checkpoint()  # long: starts over, with commits held once
-        assert held == 1
+        assert writer.holds == 1
         wal_file = os.stat(f"{db.path}-wal").st_size
         assert wal_file > RESTART_BYTES
         for n in range(2001, 2011):  # a little more
             await db.save_task(_task(n))
             await db.checkpoint()
-        assert held == 1, "commits were held although the WAL held little"
+        assert writer.holds == 1, "commits were held although the WAL held little"
         assert os.stat(f"{db.path}-wal").st_size == wal_file  # the file did not shrink
     finally:
         await db.close()

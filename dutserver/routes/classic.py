@@ -124,24 +124,27 @@ def submit_task(req: Request, body: bytes, respond: Respond) -> None:
         timeout_s = min(timeout_s, settings.submit_timeout_max_s)
     task = parse_json(body)
     auth: Auth = req.state["auth"]
-
-    def submit(_: object = None) -> None:
-        req.state["tasks"].submit_and_wait(targets, task, user, timeout_s, req.gone(),
-                                           req.address, answer)
-
-    def answer(results: list[dict[str, Any] | None]) -> None:
-        if len(targets) == 1:
-            respond(ApiError(504, TIMEOUT_MSG) if results[0] is None
-                    else raw_json(codec.dumps(results[0]).encode()))
-            return
-        respond(ok({"results": [{**r, "target": t} if r is not None else
-                                {"error": True, "msg": TIMEOUT_MSG, "target": t}
-                                for t, r in zip(targets, results)]}))
-
+    tasks = req.state["tasks"]
+    # A partial, not a closure beside another: compiled (dutserver/native.py), closures that
+    # call each other share an environment that holds them both, a cycle for the collector.
+    answer = functools.partial(_answer_submit, targets, respond)
     if all(t in auth.accounts for t in targets):
-        submit()
+        tasks.submit_and_wait(targets, task, user, timeout_s, req.gone(), req.address, answer)
     else:  # maybe added by the CLI a moment ago: look before calling it unknown
-        after(auth.knows(targets), respond, submit)
+        after(auth.knows(targets), respond,
+              lambda _: tasks.submit_and_wait(targets, task, user, timeout_s, req.gone(),
+                                              req.address, answer))
+
+
+def _answer_submit(targets: list[str], respond: Respond,
+                   results: list[dict[str, Any] | None]) -> None:
+    if len(targets) == 1:
+        respond(ApiError(504, TIMEOUT_MSG) if results[0] is None
+                else raw_json(codec.dumps(results[0]).encode()))
+        return
+    respond(ok({"results": [{**r, "target": t} if r is not None else
+                            {"error": True, "msg": TIMEOUT_MSG, "target": t}
+                            for t, r in zip(targets, results)]}))
 
 
 @direct

@@ -257,13 +257,16 @@ Respond = Callable[[Reply | BaseException], None]
 DirectHandler = Callable[[Request, bytes, Respond], None]
 
 
+_DIRECT: set[object] = set()
+
+
 def direct(handler: DirectHandler) -> DirectHandler:
-    handler.direct = True  # type: ignore[attr-defined]
+    _DIRECT.add(handler)
     return handler
 
 
 def is_direct(handler: object) -> bool:
-    return getattr(handler, "direct", False) is True
+    return handler in _DIRECT
 
 
 def after(awaitable: Awaitable[T], respond: Respond, then: Callable[[T], None]) -> None:
