@@ -314,17 +314,15 @@ class Store:
         if self.writer.commits == self._checkpointed_commits:
             return  # nothing committed since the last pass
         self._checkpointed_commits = self.writer.commits
-        loop = asyncio.get_running_loop()
+        if await self._copy_wal() > self.wal_restart_bytes:
+            await self._copy_wal()  # what came in during the first: the held pass is short
+            with self.writer.held():
+                await self._copy_wal()
+
+    def _copy_wal(self) -> asyncio.Future[int]:
         conn = self._checkpointer
         assert conn is not None, "store not open"
-
-        def copy() -> asyncio.Future[int]:
-            return loop.run_in_executor(self._checkpoint_pool, checkpoint, conn)
-
-        if await copy() > self.wal_restart_bytes:
-            await copy()  # what came in during the first: the held pass is short
-            with self.writer.held():
-                await copy()
+        return asyncio.get_running_loop().run_in_executor(self._checkpoint_pool, checkpoint, conn)
 
     async def index_tasks(self) -> None:
         """Brings the look-up tables up to date (and, like barrier(), waits for everything

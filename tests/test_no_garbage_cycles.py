@@ -13,11 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+from support import ADMIN, cli, free_port
+
+from bench.actors import Agent, AgentCounters, create_agents, login
 from bench.inprocess import hot_path
+from bench.loadgen import Connection, Target
+from dutserver.config import load_settings
 from dutserver.errors import ApiError
 from dutserver.protocol import DirectRequest
 from dutserver.routes import classic
 from dutserver.routes.common import Reply
+from dutserver.server import uvicorn_config
 
 AGENTS = 8
 HOT_TYPES = {"Poll", "_Waiting", "Future", "TimerHandle", "Task", "DirectRequest",
@@ -87,3 +94,55 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
         gc.garbage.clear()
         gc.enable()
         await db.close()
+
+
+async def test_round_trips_over_http_leave_no_reference_cycles(tmp_path: Path) -> None:
+    """The same through a real server in this process: connections, the protocol's direct path
+    (dutserver/protocol.py) and, when built, the compiled modules, whose closures keep their
+    environment alive in a cycle where an interpreted closure does not (dutserver/native.py).
+    Objects of other code (the bench agent and client, asyncio) are not counted."""
+    db = tmp_path / "dut.db"
+    cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
+    settings = load_settings({"db_path": db, "port": free_port(), "log_level": "warning"})
+    server = uvicorn.Server(uvicorn_config(settings))
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        target = Target.from_url(f"http://127.0.0.1:{settings.port}")
+        token = await login(target, *ADMIN)
+        [cred] = await create_agents(target, token, ["a0"])
+        agent = Agent(target, cred, AgentCounters())
+        client = Connection(target, {"Authorization": token})
+        stop = asyncio.Event()
+        polling = asyncio.create_task(agent.run(stop))
+
+        async def round_trip() -> None:
+            r = await client.request("POST", "/tasks?target=a0", b'{"type": "ping"}',
+                                     timeout_s=10)
+            assert r.status == 200 and r.json()["pong"] is True, r
+
+        await round_trip()  # warm-up: first-use caches are not garbage
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(20):
+                await round_trip()
+            gc.collect()
+            ours = Counter(type(o).__qualname__ for o in gc.garbage
+                           if type(o).__module__.startswith("dutserver"))
+            assert not ours, f"reference cycles left behind: {dict(ours)}"
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        stop.set()
+        client.close()
+        agent.conn.close()
+        await asyncio.wait_for(polling, 10)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 30)
