@@ -103,9 +103,14 @@ def build(target: Path = NATIVE_DIR, quiet: bool = True) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".native-") as scratch:
         out = Path(scratch) / "out"
         paths = [str(PACKAGE / name) for name in COMPILED]
-        subprocess.run([sys.executable, "-c", _BUILD, str(out), scratch, GROUP, *paths],
-                       cwd=scratch, check=True,
-                       stdout=subprocess.DEVNULL if quiet else None)
+        done = subprocess.run([sys.executable, "-c", _BUILD, str(out), scratch, GROUP, *paths],
+                              cwd=scratch, stdout=subprocess.PIPE if quiet else None,
+                              stderr=subprocess.STDOUT if quiet else None, text=True)
+        if done.returncode != 0:  # mypyc's type errors, or the C compiler's: their last lines
+            lines = (done.stdout or "").splitlines()
+            print("\n".join(line for line in lines[-40:] if not line.startswith("gcc ")),
+                  file=sys.stderr)
+            raise subprocess.CalledProcessError(done.returncode, "mypyc")
         (out / "lib").mkdir()
         for library in out.glob(f"{GROUP}__mypyc*"):
             library.rename(out / "lib" / library.name)

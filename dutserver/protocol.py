@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dutserver.dispatcher import Dispatcher
 from dutserver.errors import ApiError
 from dutserver.routes.common import Endpoint, Reply, Request, error_reply, render, too_large
 
@@ -122,45 +123,53 @@ class DirectRequest(Request):
                 loop.call_soon(fn, self)
 
 
-class Protocol(HttpToolsProtocol):
-    """Set as uvicorn's http protocol class by server.py. The lifespan state carries the
-    Endpoints by raw path ("endpoints") and the settings (for the body limit)."""
+class Connection:
+    """One connection's direct path: its state and its steps from headers to answer, in a class
+    of our own. Compiled (dutserver/native.py), its attributes are C struct fields and its
+    methods call each other in C; Protocol's own attributes live in an instance dict (its base,
+    uvicorn's, is a Python class), and reading them was 7 % of a round trip's instructions.
+    Protocol hands each parser callback on here; uvicorn's own path stays on Protocol."""
 
-    cycle: Any
-    _running: DirectRequest | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        client = self.client
-        self.address = str(client[0]) if client else "unknown"
-        self.endpoints: dict[bytes, Endpoint] = self.app_state.get("endpoints") or {}
-        settings = self.app_state["settings"]
+    def __init__(self, protocol: Protocol, transport: Any, address: str) -> None:
+        self.protocol: Any = protocol  # the ASGI path and pipelining; None once it is lost
+        self.transport = transport
+        self.parser: Any = protocol.parser
+        self.flow: Any = protocol.flow
+        self.pipeline: Any = protocol.pipeline
+        self.loop: Any = protocol.loop
+        self.server_state: Any = protocol.server_state
+        self.tasks: Any = protocol.tasks
+        self.access_log = bool(protocol.access_log)
+        state: dict[str, Any] = protocol.app_state
+        self.app_state = state
+        self.endpoints: dict[bytes, Endpoint] = state.get("endpoints") or {}
+        settings = state["settings"]
         self.body_max_bytes: int = settings.body_max_bytes
-        # uvicorn's timeout_keep_alive is declared int, and the compiled code checks that
         self.keep_alive_s: float = settings.keep_alive_s
-        self.dispatcher = self.app_state["dispatcher"]
-
-    def on_message_begin(self) -> None:
+        self.dispatcher: Dispatcher = state["dispatcher"]
+        self.address = address
         self.url = b""
-        self.expect_100_continue = False
-        self.headers = []
-        self.scope = None  # type: ignore[assignment]  # built only for the ASGI path
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.expect_continue = False
+        self.running: DirectRequest | None = None  # handed to its handler, not yet answered
+        # Keep-alive: uvicorn arms a timer after every response and cancels it with the next
+        # request, two timer-handle operations per request. Here one timer per connection
+        # checks, when it fires, whether the connection has really been idle that long.
+        self.idle_since: float | None = None
+        self.keep_alive_timer: Any = None
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))  # Expect: looked for once they are all in
-
-    def on_headers_complete(self) -> None:
+    def headers_complete(self) -> DirectRequest | None:
+        """The request as a DirectRequest, or None for uvicorn's path."""
         headers = self.headers
         by_name = dict(reversed(headers))  # the first of repeated headers counts, as in header()
         expect = by_name.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue":
-            self.expect_100_continue = True
+            self.expect_continue = True
         url: Any = httptools.parse_url(self.url)  # its stub says bytes where None can come
         endpoint = self.endpoints.get(url.path)
         parser = self.parser
         if endpoint is None or parser.should_upgrade():
-            self._asgi_headers_complete()
-            return
+            return None
         # HTTP/1.0 closes after the answer even with "Connection: keep-alive" (or the
         # Proxy-Connection llhttp reads alike), as uvicorn's path does; without those headers
         # should_keep_alive() says so already (and the version costs a string formatting per
@@ -169,33 +178,15 @@ class Protocol(HttpToolsProtocol):
             (b"connection" not in by_name and b"proxy-connection" not in by_name)
             or parser.get_http_version() != "1.0")
         cycle = DirectRequest(endpoint, parser.get_method().decode("ascii"), url.path, headers,
-                              by_name, url.query or b"", keep_alive, self.expect_100_continue,
+                              by_name, url.query or b"", keep_alive, self.expect_continue,
                               self.app_state, self.address)
         declared = by_name.get(b"content-length")  # its syntax is checked by the parser
         limit = self.body_max_bytes
         if declared is not None and (len(declared) > 18 or int(declared) > limit):
             cycle.error = too_large(limit)
-        previous = self.cycle
-        self.cycle = cycle
-        if previous is None or previous.response_complete:
-            self._begin(cycle)
-        else:  # pipelined: answered in order, after the one before it
-            self.flow.pause_reading()
-            self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+        return cycle
 
-    def _asgi_headers_complete(self) -> None:
-        """uvicorn's own path: its scope (which its on_message_begin builds), then its cycle."""
-        url, headers, expect = self.url, self.headers, self.expect_100_continue
-        super().on_message_begin()
-        self.url, self.headers, self.expect_100_continue = url, headers, expect
-        self.scope["headers"] = headers
-        super().on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        cycle = self.cycle
-        if not isinstance(cycle, DirectRequest):
-            super().on_body(body)
-            return
+    def body(self, cycle: DirectRequest, body: bytes) -> None:
         if cycle.error is not None or cycle.response_complete:
             return
         cycle.size += len(body)
@@ -204,43 +195,33 @@ class Protocol(HttpToolsProtocol):
             cycle.chunks.clear()
             cycle.error = too_large(limit)
             if cycle.started:
-                self._run(cycle)
+                self.run(cycle)
             return
         cycle.chunks.append(body)
 
-    def on_message_complete(self) -> None:
-        cycle = self.cycle
-        if not isinstance(cycle, DirectRequest):
-            super().on_message_complete()
-            return
+    def message_complete(self, cycle: DirectRequest) -> None:
         if cycle.error is not None:
             return  # already answered, or answered when its turn comes
         cycle.complete = True
         if cycle.started:
-            self._run(cycle)
+            self.run(cycle)
 
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if isinstance(cycle, DirectRequest):
-            self._begin(cycle)
-        else:
-            super()._start_asgi_task(cycle, app)
-
-    def _begin(self, cycle: DirectRequest) -> None:
+    def begin(self, cycle: DirectRequest) -> None:
         cycle.started = True
         if cycle.error is not None or cycle.complete:
-            self._run(cycle)
+            self.run(cycle)
         elif cycle.expect_continue:
             self.transport.write(CONTINUE)
 
-    def _run(self, cycle: DirectRequest) -> None:
-        self._running = cycle
+    def run(self, cycle: DirectRequest) -> None:
+        self.running = cycle
         if cycle.error is not None:
             cycle.keep_alive = False  # the rest of the body is not read
-            self._respond(cycle, error_reply(cycle, cycle.path, cycle.error))
+            self.respond(cycle, error_reply(cycle, cycle.path, cycle.error))
             return
         handler = cycle.endpoint.direct_handlers.get(cycle.method)
         if handler is None:
-            task = self.loop.create_task(self._serve(cycle))
+            task = self.loop.create_task(self.serve(cycle))
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
             return
@@ -248,42 +229,163 @@ class Protocol(HttpToolsProtocol):
         # The hot path: the handler answers now or from a callback, never from a task. A
         # partial, not a closure: compiled, a closure's environment holds the closure itself, a
         # reference cycle per request for the collector (tests/test_no_garbage_cycles.py).
-        respond = functools.partial(self._answer, cycle)
+        respond = functools.partial(self.answer, cycle)
         try:
             handler(cycle, b"".join(cycle.chunks), respond)
         except Exception as exc:
             respond(exc)
 
-    def _answer(self, cycle: DirectRequest, outcome: Reply | BaseException) -> None:
+    def answer(self, cycle: DirectRequest, outcome: Reply | BaseException) -> None:
         if isinstance(outcome, BaseException):
             outcome = error_reply(cycle, cycle.path, outcome)
-        self._respond(cycle, outcome)
+        self.respond(cycle, outcome)
 
-    async def _serve(self, cycle: DirectRequest) -> None:
-        self._respond(cycle, await cycle.endpoint.handle(cycle, cycle.path))
+    async def serve(self, cycle: DirectRequest) -> None:
+        self.respond(cycle, await cycle.endpoint.handle(cycle, cycle.path))
 
-    def _respond(self, cycle: DirectRequest, reply: Reply) -> None:
+    def respond(self, cycle: DirectRequest, reply: Reply) -> None:
         if cycle.response_complete:
             log.error("%s %s answered twice", cycle.method, cycle.path)
             return
         cycle.response_complete = True
         cycle.release()
-        if self._running is cycle:
-            self._running = None
+        if self.running is cycle:
+            self.running = None
         transport = self.transport
         if transport.is_closing():
             return
         # While shutting down, an answer is its connection's last.
         keep_alive = cycle.keep_alive and not self.dispatcher.closing
         if self.access_log:
-            self.access_logger.info('%s - "%s %s HTTP/%s" %d', self.client and self.client[0],
-                                    cycle.method, cycle.path, self.parser.get_http_version()
-                                    if self.parser else "1.1", reply.status)
+            self.protocol.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d', self.address, cycle.method, cycle.path,
+                self.parser.get_http_version(), reply.status)
         transport.write(render(reply, cycle.method == "HEAD", keep_alive))
         if keep_alive:
-            self.on_response_complete()
+            self.response_complete()
         else:
             transport.close()
+
+    def response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self.protocol._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.keep_alive_timer is None:
+            self.keep_alive_timer = self.loop.call_later(self.keep_alive_s,
+                                                         self.keep_alive_check)
+
+    def keep_alive_check(self) -> None:
+        self.keep_alive_timer = None
+        idle_since = self.idle_since
+        if idle_since is None or self.transport.is_closing():
+            return  # busy (a long-poll, say): the next response arms the timer again
+        idle_s = self.loop.time() - idle_since
+        if idle_s >= self.keep_alive_s:
+            self.transport.close()
+        else:
+            self.keep_alive_timer = self.loop.call_later(self.keep_alive_s - idle_s,
+                                                         self.keep_alive_check)
+
+    def lost(self) -> None:
+        running = self.running
+        if running is not None:
+            running.lost()
+        if self.keep_alive_timer is not None:
+            self.keep_alive_timer.cancel()
+            self.keep_alive_timer = None
+
+
+class Protocol(HttpToolsProtocol):
+    """Set as uvicorn's http protocol class by server.py. The lifespan state carries the
+    Endpoints by raw path ("endpoints") and the settings (for the body limit). A request for
+    one of them goes to the connection's Connection; the rest takes uvicorn's path."""
+
+    cycle: Any
+    conn: Connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        client = self.client
+        self.conn = Connection(self, transport, str(client[0]) if client else "unknown")
+
+    # uvicorn's data_received and on_url, here so that they are compiled with the rest: they
+    # run for every request (the upgrade and error branches are uvicorn's, unchanged).
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.idle_since = None  # busy; the keep-alive timer looks again when it fires
+        try:
+            conn.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+
+    def on_url(self, url: bytes) -> None:
+        conn = self.conn
+        conn.url += url
+
+    def on_message_begin(self) -> None:
+        conn = self.conn
+        conn.url = b""
+        conn.expect_continue = False
+        conn.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.conn.headers.append((name.lower(), value))  # Expect: looked for once all are in
+
+    def on_headers_complete(self) -> None:
+        conn = self.conn
+        cycle = conn.headers_complete()
+        if cycle is None:
+            self._asgi_headers_complete(conn)
+            return
+        previous = self.cycle
+        self.cycle = cycle
+        if previous is None or previous.response_complete:
+            conn.begin(cycle)
+        else:  # pipelined: answered in order, after the one before it
+            conn.flow.pause_reading()
+            conn.pipeline.appendleft((cycle, None))
+
+    def _asgi_headers_complete(self, conn: Connection) -> None:
+        """uvicorn's own path: its scope (which its on_message_begin builds), then its cycle."""
+        super().on_message_begin()
+        self.url, self.headers = conn.url, conn.headers
+        self.expect_100_continue = conn.expect_continue
+        self.scope["headers"] = conn.headers
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, DirectRequest):
+            self.conn.body(cycle, body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, DirectRequest):
+            self.conn.message_complete(cycle)
+        else:
+            super().on_message_complete()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if isinstance(cycle, DirectRequest):
+            self.conn.begin(cycle)
+        else:
+            super()._start_asgi_task(cycle, app)
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser refused: answered in the error shape like every other error
@@ -292,45 +394,14 @@ class Protocol(HttpToolsProtocol):
         self.transport.write(render(_MALFORMED, head=False, keep_alive=False))
         self.transport.close()
 
-    # Keep-alive: uvicorn arms a timer after every response and cancels it with the next request,
-    # two timer-handle operations per request. Here one timer per connection checks, when it
-    # fires, whether the connection has really been idle that long, and re-arms if not.
-    _idle_since: float | None = None
-
     def _unset_keepalive_if_required(self) -> None:
-        self._idle_since = None  # busy; the timer stays armed and looks again when it fires
+        self.conn.idle_since = None
 
-    def on_response_complete(self) -> None:
-        self.server_state.total_requests += 1
-        if self.transport.is_closing():
-            return
-        if self.flow.read_paused:
-            self.flow.resume_reading()
-        if self.pipeline:
-            cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
-            return
-        self._idle_since = self.loop.time()
-        if self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(self.keep_alive_s,
-                                                                self._keep_alive_check)
-
-    def _keep_alive_check(self) -> None:
-        self.timeout_keep_alive_task = None
-        if self._idle_since is None or self.transport.is_closing():
-            return  # busy (a long-poll, say): the next response arms the timer again
-        idle_s = self.loop.time() - self._idle_since
-        if idle_s >= self.keep_alive_s:
-            self.transport.close()
-        else:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.keep_alive_s - idle_s, self._keep_alive_check)
+    def on_response_complete(self) -> None:  # uvicorn's path ends its requests here too
+        self.conn.response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        running = self._running
-        if running is not None:
-            running.lost()
-        if self.timeout_keep_alive_task is not None:
-            self.timeout_keep_alive_task.cancel()
-            self.timeout_keep_alive_task = None
+        conn = self.conn
+        conn.lost()
         super().connection_lost(exc)
+        conn.protocol = None  # no cycle left between the two

@@ -13,7 +13,9 @@ from dutserver.errors import ApiError
 from dutserver.model import Task
 from dutserver.routes.common import (Endpoint, Reply, Request, Respond, after, direct, ok,
                                       parse_json, raw_json, when_done)
-from dutserver.tasks import TIMEOUT_MSG
+from dutserver.config import Settings
+from dutserver.dispatcher import Dispatcher
+from dutserver.tasks import TIMEOUT_MSG, Tasks
 
 EMPTY = Reply(200)
 EMPTY_TASK = raw_json(b"{}")
@@ -21,10 +23,11 @@ EMPTY_TASK = raw_json(b"{}")
 
 def require_session(req: Request) -> str:
     """The admin behind a classic session header; 403 as the classic server answers."""
-    user = req.state["auth"].session(req.header(b"authorization"))
+    auth: Auth = req.state["auth"]  # typed: compiled, a native call (dutserver/native.py)
+    user = auth.session(req.header(b"authorization"))
     if user is None:
         raise ApiError(403, "Invalid or expired session")
-    return user  # type: ignore[no-any-return]
+    return user
 
 
 async def require_agent(req: Request) -> str:
@@ -108,7 +111,7 @@ async def set_selfreg(req: Request) -> Reply:
 def submit_task(req: Request, body: bytes, respond: Respond) -> None:
     """Submit a task to one or more agents and wait for the results."""
     user = require_session(req)
-    settings = req.state["settings"]
+    settings: Settings = req.state["settings"]
     raw_targets = req.query.get("target")
     if not raw_targets:
         raise ApiError(400, "Missing target parameter")
@@ -124,7 +127,7 @@ def submit_task(req: Request, body: bytes, respond: Respond) -> None:
         timeout_s = min(timeout_s, settings.submit_timeout_max_s)
     task = parse_json(body)
     auth: Auth = req.state["auth"]
-    tasks = req.state["tasks"]
+    tasks: Tasks = req.state["tasks"]
     # A partial, not a closure beside another: compiled (dutserver/native.py), closures that
     # call each other share an environment that holds them both, a cycle for the collector.
     answer = functools.partial(_answer_submit, targets, respond)
@@ -160,7 +163,8 @@ def poll_task(req: Request, body: bytes, respond: Respond) -> None:
 
 
 def _poll(req: Request, respond: Respond, agent: str) -> None:
-    dispatcher = req.state["dispatcher"]
+    dispatcher: Dispatcher = req.state["dispatcher"]
+    tasks: Tasks = req.state["tasks"]
     slot = dispatcher.poll_started(agent, req.address, agent_version(req))
     gone = req.gone()
 
@@ -168,7 +172,7 @@ def _poll(req: Request, respond: Respond, agent: str) -> None:
         dispatcher.poll_ended(slot, dropped=gone.done() and task is None)
         respond(EMPTY_TASK if task is None else raw_json(task.wire_json()))
 
-    req.state["tasks"].next_for(agent, gone, answer)
+    tasks.next_for(agent, gone, answer)
 
 
 @direct
@@ -184,9 +188,10 @@ def post_result(req: Request, body: bytes, respond: Respond) -> None:
     if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
         raise ApiError(400, "Missing or invalid id parameter")
     result = parse_json(body)
-    dispatcher = req.state["dispatcher"]
+    dispatcher: Dispatcher = req.state["dispatcher"]
+    tasks: Tasks = req.state["tasks"]
     dispatcher.seen(dispatcher.slot(agent), req.address, agent_version(req))
-    when_done(req.state["tasks"].record_result(agent, int(raw_id), result), respond, EMPTY)
+    when_done(tasks.record_result(agent, int(raw_id), result), respond, EMPTY)
 
 
 def routes() -> list[Route]:
