@@ -21,12 +21,17 @@ are bound at compile time (patching the module attribute changes nothing).
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; two builds at once there may fail, never mix
+    fcntl = None  # type: ignore[assignment]
 
 PACKAGE = Path(__file__).resolve().parent
 NATIVE_DIR = PACKAGE.parent / "build" / "native"
@@ -52,11 +57,16 @@ def sources_digest() -> str:
 
 
 def is_fresh() -> bool:
-    """Whether build/native holds a build of the sources as they are now."""
+    """Whether build/native holds a whole build of the sources as they are now (a module
+    compiled and another not would refuse each other's objects)."""
     try:
-        return (NATIVE_DIR / "SOURCES").read_text().strip() == sources_digest()
+        if (NATIVE_DIR / "SOURCES").read_text().strip() != sources_digest():
+            return False
     except OSError:
         return False
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return (NATIVE_DIR / "lib" / (GROUP + "__mypyc" + suffix)).is_file() and all(
+        (NATIVE_DIR / "dutserver" / name.replace(".py", suffix)).is_file() for name in COMPILED)
 
 
 def use(package_path: list[str]) -> bool:
@@ -66,7 +76,7 @@ def use(package_path: list[str]) -> bool:
         return False
     package_path.insert(0, str(NATIVE_DIR / "dutserver"))
     # The group's shared library is a top-level module that every compiled module imports.
-    sys.path.append(str(NATIVE_DIR / "lib"))
+    sys.path.insert(0, str(NATIVE_DIR / "lib"))
     _active = True
     return True
 
@@ -96,10 +106,18 @@ setup(name="dutserver-native", ext_modules=mypycify(paths, target_dir=scratch + 
 
 
 def build(target: Path = NATIVE_DIR, quiet: bool = True) -> None:
-    # Raises CalledProcessError when mypyc or the C compiler fails (its output on stderr).
-    """Compiles COMPILED into target (replacing an earlier build only once this one worked)."""
-    digest = sources_digest()
+    """Compiles COMPILED into target, replacing an earlier build only once this one worked.
+    Raises CalledProcessError when mypyc or the C compiler fails (their last lines on stderr).
+    A second build at the same time waits for the first (a lock file beside the target)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".native.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _build(target, quiet)
+
+
+def _build(target: Path, quiet: bool) -> None:
+    digest = sources_digest()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".native-") as scratch:
         out = Path(scratch) / "out"
         paths = [str(PACKAGE / name) for name in COMPILED]
@@ -115,6 +133,8 @@ def build(target: Path = NATIVE_DIR, quiet: bool = True) -> None:
         for library in out.glob(f"{GROUP}__mypyc*"):
             library.rename(out / "lib" / library.name)
         (out / "SOURCES").write_text(digest + "\n")
+        # The old build moves into the scratch directory (deleted with it) and the new one into
+        # place: a server starting in between finds none and runs the sources, never half.
         if target.exists():
-            shutil.rmtree(target)
+            target.rename(Path(scratch) / "old")
         out.rename(target)

@@ -404,4 +404,7 @@ class Protocol(HttpToolsProtocol):
         conn = self.conn
         conn.lost()
         super().connection_lost(exc)
-        conn.protocol = None  # no cycle left between the two
+        # No cycle left behind: the parser holds Protocol's bound methods (uvicorn drops its
+        # own reference to it here), the Connection the Protocol. What runs after this (an
+        # answer to a hung-up poll, the keep-alive timer) stops at transport.is_closing().
+        conn.protocol = conn.parser = None

@@ -3,6 +3,7 @@ are, never otherwise, and the server says which it runs."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -29,9 +30,15 @@ def test_the_suite_runs_the_compiled_hot_path() -> None:
     assert native.active()
 
 
-def _fake_build(root: Path, digest: str) -> Path:
+def _fake_build(root: Path, digest: str, missing: str | None = None) -> Path:
+    """A build's layout with empty files where the extensions go (use() only looks)."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     (root / "dutserver" / "routes").mkdir(parents=True)
     (root / "lib").mkdir()
+    (root / "lib" / f"{native.GROUP}__mypyc{suffix}").touch()
+    for name in native.COMPILED:
+        if name != missing:
+            (root / "dutserver" / name.replace(".py", suffix)).touch()
     (root / "SOURCES").write_text(digest + "\n")
     return root
 
@@ -46,6 +53,18 @@ def test_a_build_of_other_sources_is_not_used(tmp_path: Path,
     assert path == ["/the/sources"] and not native.active()
 
 
+def test_a_build_missing_a_module_is_not_used(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a build (a copy interrupted, a file deleted): compiled code refuses the objects of
+    an interpreted module of its group, so it is all or nothing."""
+    build = _fake_build(tmp_path, native.sources_digest(), missing="routes/common.py")
+    monkeypatch.setattr(native, "NATIVE_DIR", build)
+    monkeypatch.setattr(native, "_active", False)
+    monkeypatch.delenv("DUTSERVER_NATIVE", raising=False)
+    path = ["/the/sources"]
+    assert not native.use(path) and path == ["/the/sources"]
+
+
 def test_a_fresh_build_comes_before_the_sources(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     build = _fake_build(tmp_path, native.sources_digest())
@@ -58,7 +77,7 @@ def test_a_fresh_build_comes_before_the_sources(tmp_path: Path,
     native.use_in_subpackage(routes, "routes")
     assert path == [str(build / "dutserver"), "/the/sources"]
     assert routes == [str(build / "dutserver" / "routes"), "/the/sources/routes"]
-    assert sys.path[-1] == str(build / "lib")  # where the group's shared library is
+    assert sys.path[0] == str(build / "lib")  # where the group's shared library is
 
     monkeypatch.setattr(native, "_active", False)
     monkeypatch.setenv("DUTSERVER_NATIVE", "0")  # switched off: the sources

@@ -97,10 +97,11 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
 
 
 async def test_round_trips_over_http_leave_no_reference_cycles(tmp_path: Path) -> None:
-    """The same through a real server in this process: connections, the protocol's direct path
-    (dutserver/protocol.py) and, when built, the compiled modules, whose closures keep their
-    environment alive in a cycle where an interpreted closure does not (dutserver/native.py).
-    Objects of other code (the bench agent and client, asyncio) are not counted."""
+    """The same through a real server in this process: connections that stay and connections
+    that close, the protocol's direct path (dutserver/protocol.py), Starlette's path, and, when
+    built, the compiled modules, whose closures keep their environment alive in a cycle where
+    an interpreted closure does not (dutserver/native.py). Objects of other code (the bench
+    agent and client, asyncio) are not counted."""
     db = tmp_path / "dut.db"
     cli("addaccount", str(db), ADMIN[0], "admin", stdin=ADMIN[1] + "\n")
     settings = load_settings({"db_path": db, "port": free_port(), "log_level": "warning"})
@@ -131,6 +132,13 @@ async def test_round_trips_over_http_leave_no_reference_cycles(tmp_path: Path) -
         try:
             for _ in range(20):
                 await round_trip()
+            for path in ("/nope", "/", "/healthz"):  # Starlette's path; a fixed one
+                for _ in range(3):  # each on a connection of its own, closed after it
+                    once = Connection(target, {"Connection": "close"})
+                    r = await once.request("GET", path, timeout_s=10)
+                    assert r.status in (200, 404), r
+                    once.close()
+            await asyncio.sleep(0.05)  # the server sees the connections go
             gc.collect()
             ours = Counter(type(o).__qualname__ for o in gc.garbage
                            if type(o).__module__.startswith("dutserver"))

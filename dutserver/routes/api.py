@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
@@ -175,13 +176,16 @@ async def change_password(req: Request) -> Reply:
     secret = check_secret(acc.kind, body.get("password"))
     digest = await asyncio.to_thread(hash_secret, acc.kind, secret, auth.key)
 
-    def op(conn: Any) -> bool:
-        return store.account_set_secret(conn, name, digest, store.now_ms())
-    if not await req.state["store"].write(op):
+    # (partials, not closures: see _send_with_headers in routes/common.py)
+    if not await req.state["store"].write(functools.partial(_set_secret, name, digest)):
         raise ApiError(404, f"Unknown account: {name}")
     await auth.refresh()  # revokes its sessions: its secret changed
     req.state["store"].audit(user, "account_password", f"{acc.kind} {name}", req.address)
     return ok({"msg": "Password changed"})
+
+
+def _set_secret(name: str, digest: str, conn: Any) -> bool:
+    return store.account_set_secret(conn, name, digest, store.now_ms())
 
 
 async def remove_account(req: Request) -> Reply:
@@ -196,9 +200,7 @@ async def remove_account(req: Request) -> Reply:
             sum(a.kind == "admin" for a in auth.accounts.values()) <= 1:
         raise ApiError(409, "Cannot remove the last admin account")
 
-    def op(conn: Any) -> bool:
-        return store.account_remove(conn, name)
-    if not await req.state["store"].write(op):
+    if not await req.state["store"].write(functools.partial(store.account_remove, name=name)):
         raise ApiError(404, f"Unknown account: {name}")
     await auth.refresh()  # revokes its sessions: it is gone
     req.state["tasks"].cancel_for_removed_agents()
