@@ -21,6 +21,7 @@ from bench.drive import Stats, Window, closed_loop, open_loop
 from bench.durable import _account
 from bench.loadgen import Connection, ProtocolError, Target
 from bench.soak import account, slope_per_min, summarise_samples
+from bench import wrkcheck
 
 
 @dataclass
@@ -278,3 +279,31 @@ async def test_bench_agents_answer_the_real_server(server: RunningServer,
         await fleet.stop()
     assert fleet.counters.tasks == 2 and fleet.counters.results_ok == 2
     assert not fleet.counters.errors and not fleet.counters.result_status
+
+
+WRK_REPORT = """Running 1s test @ http://127.0.0.1:18090/missing
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   616.43us  281.31us   5.57ms   84.46%
+    Req/Sec     3.04k   113.26     3.36k    90.91%
+  Latency Distribution
+     50%  573.00us
+     75%  723.00us
+     90%    0.88ms
+     99%    1.31ms
+  3334 requests in 1.10s, 1.65MB read
+  Socket errors: connect 0, read 2, write 1, timeout 4
+  Non-2xx or 3xx responses: 3334
+Requests/sec:   3030.29
+Transfer/sec:      1.50MB
+"""
+
+
+def test_the_wrk_cross_check_reads_wrks_report() -> None:
+    """bench.wrkcheck's second opinion: the rate, the p99 in ms, every failed request."""
+    assert wrkcheck.parse(WRK_REPORT) == {"per_s": 3030.29, "p99_ms": 1.31,
+                                          "errors": 3334 + 2 + 1 + 4}
+    fast = WRK_REPORT.replace("1.31ms", "870.00us").replace("Socket errors: connect 0, read 2, "
+                                                            "write 1, timeout 4\n", "")
+    assert wrkcheck.parse(fast.replace("  Non-2xx or 3xx responses: 3334\n", "")) == {
+        "per_s": 3030.29, "p99_ms": 0.87, "errors": 0}
