@@ -26,7 +26,7 @@ import uvloop
 from dutserver.auth import Auth, hash_secret
 from dutserver.config import Settings
 from dutserver.dispatcher import Dispatcher
-from dutserver.protocol import DirectRequest
+from dutserver.direct import DirectRequest
 from dutserver.routes import classic
 from dutserver.routes.common import Endpoint, Reply
 from dutserver.store import Store, account_add

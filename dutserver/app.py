@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield {"settings": settings, "store": db, "auth": auth, "dispatcher": dispatcher,
                    "tasks": tasks, "openapi": openapi,
-                   # the direct path of protocol.py: fixed paths straight to their Endpoints
+                   # the direct path (direct.py): fixed paths straight to their Endpoints
                    "endpoints": {path.encode(): ep for path, ep in app.fixed_paths.items()}}
         finally:
             dispatcher.close()

@@ -40,8 +40,8 @@ GROUP = "dutserver"  # the shared library of the group: dutserver__mypyc
 # The modules a request passes through, and what they import from us. The rest (app set-up,
 # CLI, OpenAPI, the web files) runs once or rarely, and stays interpreted.
 COMPILED = (
-    "auth.py", "codec.py", "config.py", "dispatcher.py", "errors.py", "model.py", "protocol.py",
-    "store.py", "tasks.py", "writer.py", "routes/api.py", "routes/classic.py",
+    "auth.py", "codec.py", "config.py", "direct.py", "dispatcher.py", "errors.py", "model.py",
+    "protocol.py", "store.py", "tasks.py", "writer.py", "routes/api.py", "routes/classic.py",
     "routes/common.py",
 )
 

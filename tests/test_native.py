@@ -22,10 +22,12 @@ def test_the_suite_runs_the_compiled_hot_path() -> None:
         pytest.skip("DUTSERVER_NATIVE=0: this run is of the interpreted hot path")
     if not native.is_fresh():
         pytest.fail("no build of the current sources: run `make native` (or `make test`)")
+    import dutserver.direct
     import dutserver.protocol
     import dutserver.routes.classic
     import dutserver.tasks
-    for module in (dutserver.protocol, dutserver.tasks, dutserver.routes.classic):
+    for module in (dutserver.direct, dutserver.protocol, dutserver.tasks,
+                   dutserver.routes.classic):
         assert module.__file__ is not None and module.__file__.endswith(".so"), module
     assert native.active()
 

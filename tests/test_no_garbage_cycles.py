@@ -21,7 +21,7 @@ from bench.inprocess import hot_path
 from bench.loadgen import Connection, Target
 from dutserver.config import load_settings
 from dutserver.errors import ApiError
-from dutserver.protocol import DirectRequest
+from dutserver.direct import DirectRequest
 from dutserver.routes import classic
 from dutserver.routes.common import Reply
 from dutserver.server import uvicorn_config
@@ -98,7 +98,7 @@ async def test_hot_path_leaves_no_reference_cycles(tmp_path: Path) -> None:
 
 async def test_round_trips_over_http_leave_no_reference_cycles(tmp_path: Path) -> None:
     """The same through a real server in this process: connections that stay and connections
-    that close, the protocol's direct path (dutserver/protocol.py), Starlette's path, and, when
+    that close, the direct path (dutserver/direct.py), Starlette's path, and, when
     built, the compiled modules, whose closures keep their environment alive in a cycle where
     an interpreted closure does not (dutserver/native.py). Objects of other code (the bench
     agent and client, asyncio) are not counted."""

@@ -1,4 +1,4 @@
-"""The direct path (dutserver/protocol.py) speaks HTTP/1.1 as uvicorn's own path does: pipelined
+"""The direct path (dutserver/direct.py) speaks HTTP/1.1 as uvicorn's own path does: pipelined
 requests answered in order (direct and ASGI mixed), Expect: 100-continue, body limits while the
 body is still arriving, chunked bodies, HTTP/1.0, HEAD. (A poll that hangs up: test_fixes.py.)"""
 

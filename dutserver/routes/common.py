@@ -2,7 +2,7 @@
 
 Handlers see a Request and give a Reply. A request comes either through ASGI (Starlette's
 router, or any ASGI server: AsgiRequest watches for `http.disconnect` itself, since uvicorn does
-not cancel a handler whose client went away), or on the direct path of dutserver/protocol.py,
+not cancel a handler whose client went away), or on the direct path of dutserver/direct.py,
 which calls an Endpoint's handler without ASGI. Direct handlers (@direct: polls, submits,
 results) answer through a callback instead of returning, so the hot path needs no task per
 request; Endpoint runs them on the ASGI path too.
@@ -71,7 +71,7 @@ def raw_json(data: bytes, status: int = 200) -> Reply:
 
 class Request:
     """What a handler sees of a request, however it arrived: through ASGI (AsgiRequest) or on
-    the direct path of dutserver/protocol.py, which reads the whole body before the handler runs."""
+    the direct path of dutserver/direct.py, which reads the whole body before the handler runs."""
 
     __slots__ = ("_query", "address", "headers", "method", "path_params", "query_string",
                  "state")
@@ -360,7 +360,7 @@ _FIXED_HEADERS = b"".join(k + b": " + v + b"\r\n" for k, v in (NO_STORE, *SECURI
 
 def render(reply: Reply, head: bool, keep_alive: bool) -> bytes:
     """The whole HTTP/1.1 response as one bytes object, with the same headers as send_reply:
-    the direct path (dutserver/protocol.py) writes it with one call."""
+    the direct path (dutserver/direct.py) writes it with one call."""
     if reply.headers:
         start = _head_start(reply, keep_alive)
     else:  # the usual answer: its head but for the length is one of a few, made once each
