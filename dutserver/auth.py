@@ -357,7 +357,7 @@ class Auth:
             raise ApiError(409, exists)
         digest = await asyncio.to_thread(hash_secret, kind, checked, self.key)
 
-        try:  # (a partial: see _send_with_headers in routes/common.py)
+        try:  # a partial, not a closure (a reference cycle when compiled: native.py)
             await self.db.write(functools.partial(_add_account, name, kind, digest))
         except store.AccountExists:
             raise ApiError(409, exists) from None

@@ -220,8 +220,7 @@ class Connection:
             return
 
         # The hot path: the handler answers now or from a callback, never from a task. A
-        # partial, not a closure: compiled, a closure's environment holds the closure itself, a
-        # reference cycle per request for the collector (tests/test_no_garbage_cycles.py).
+        # partial, not a closure (a reference cycle per request when compiled: native.py).
         respond = functools.partial(self.answer, cycle)
         try:
             handler(cycle, b"".join(cycle.chunks), respond)

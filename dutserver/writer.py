@@ -35,7 +35,8 @@ class GroupCommitWriter:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._worker_thread = threading.Thread(target=self._run, name="dutserver-writer", daemon=True)
+        self._worker_thread = threading.Thread(target=self._run, name="dutserver-writer",
+                                               daemon=True)
         self._worker_thread.start()
 
     def write(self, op: Op) -> asyncio.Future[Any]:

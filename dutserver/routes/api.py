@@ -176,7 +176,7 @@ async def change_password(req: Request) -> Reply:
     secret = check_secret(acc.kind, body.get("password"))
     digest = await asyncio.to_thread(hash_secret, acc.kind, secret, auth.key)
 
-    # (partials, not closures: see _send_with_headers in routes/common.py)
+    # partials, not closures (a reference cycle when compiled: native.py)
     if not await req.state["store"].write(functools.partial(_set_secret, name, digest)):
         raise ApiError(404, f"Unknown account: {name}")
     await auth.refresh()  # revokes its sessions: its secret changed

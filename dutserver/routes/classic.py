@@ -128,15 +128,14 @@ def submit_task(req: Request, body: bytes, respond: Respond) -> None:
     task = parse_json(body)
     auth: Auth = req.state["auth"]
     tasks: Tasks = req.state["tasks"]
-    # A partial, not a closure beside another: compiled (dutserver/native.py), closures that
-    # call each other share an environment that holds them both, a cycle for the collector.
-    answer = functools.partial(_answer_submit, targets, respond)
+    # Partials, not closures that call each other (a reference cycle when compiled: native.py)
+    submit = functools.partial(tasks.submit_and_wait, targets, task, user, timeout_s,
+                               req.gone(), req.address,
+                               functools.partial(_answer_submit, targets, respond))
     if all(t in auth.accounts for t in targets):
-        tasks.submit_and_wait(targets, task, user, timeout_s, req.gone(), req.address, answer)
+        submit()
     else:  # maybe added by the CLI a moment ago: look before calling it unknown
-        after(auth.knows(targets), respond,
-              lambda _: tasks.submit_and_wait(targets, task, user, timeout_s, req.gone(),
-                                              req.address, answer))
+        after(auth.knows(targets), respond, lambda _: submit())
 
 
 def _answer_submit(targets: list[str], respond: Respond,

@@ -396,8 +396,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
-        # A partial, not a closure: compiled, an async function's environment holds its
-        # closures, a reference cycle per request (tests/test_no_garbage_cycles.py).
+        # A partial, not a closure (a reference cycle per request when compiled: native.py)
         await self.app(scope, receive, functools.partial(_send_with_headers, send))
 
 
