@@ -23,29 +23,31 @@ from typing import Any
 
 import uvloop
 
-from dutserver.auth import Auth, hash_secret
 from dutserver.config import Settings
-from dutserver.dispatcher import Dispatcher
-from dutserver.direct import DirectRequest
+from dutserver.core.clock import SystemClock
+from dutserver.core.credentials import hash_secret
+from dutserver.core.services import Services, build_services
+from dutserver.http.answer import Reply
+from dutserver.http.direct import DirectRequest
+from dutserver.http.endpoint import Endpoint
 from dutserver.routes import classic
-from dutserver.routes.common import Endpoint, Reply
-from dutserver.store import Store, account_add
-from dutserver.tasks import Tasks
+from dutserver.store import create_store
+from dutserver.store.sqlite import SqliteStore
 
 
 @dataclass
 class HotPath:
     """The server's services without its sockets, and requests for the direct handlers."""
 
-    state: dict[str, Any]
-    db: Store
+    services: Services
+    db: SqliteStore
     agent_headers: list[list[tuple[bytes, bytes]]]
     admin_headers: list[tuple[bytes, bytes]]
 
     def request(self, method: str, path: str, headers: list[tuple[bytes, bytes]],
                 query: bytes = b"") -> DirectRequest:
         return DirectRequest(_NO_ENDPOINT, method, path.encode(), headers,
-                             dict(reversed(headers)), query, True, False, self.state,
+                             dict(reversed(headers)), query, True, False, self.services,
                              "127.0.0.1")
 
 
@@ -53,25 +55,22 @@ _NO_ENDPOINT = Endpoint({})  # the handlers are called directly, not through an 
 
 
 async def hot_path(db_path: Path, agents: int, **settings: Any) -> HotPath:
-    """A store, auth, dispatcher and tasks as the lifespan builds them, with agents a0 … aN-1
+    """The store and the core's services as the lifespan builds them, with agents a0 … aN-1
     and an admin session."""
     s = Settings(db_path=db_path, **settings)
-    db = Store(s.db_path, s.sqlite_synchronous, s.commit_interval_ms / 1000)
+    db, notifier = create_store(s)
+    assert isinstance(db, SqliteStore)
     await db.open()
-    auth = Auth(s, db)
-    await auth.load()
+    services = build_services(s, db, notifier, SystemClock())
+    auth = services.auth
     for i in range(agents):
-        digest = hash_secret("agent", f"secret-{i}-0123456789", auth.key)
-        await db.write(lambda c, i=i, d=digest: account_add(c, f"a{i}", "agent", d, 1))
-    digest = hash_secret("admin", "adminpass1", auth.key)
-    await db.write(lambda c: account_add(c, "admin", "admin", digest, 1))
-    await auth.refresh()
+        await db.add_account(f"a{i}", "agent",
+                             hash_secret("agent", f"secret-{i}-0123456789", auth.key), 1)
+    await db.add_account("admin", "admin", hash_secret("admin", "adminpass1", auth.key), 1)
+    await services.start()
     token = await auth.login("admin", "adminpass1", "127.0.0.1")
-    dispatcher = Dispatcher(s.online_grace_s)
-    tasks = Tasks(s, db, dispatcher, auth)
-    await tasks.recover()
     return HotPath(
-        {"settings": s, "store": db, "auth": auth, "dispatcher": dispatcher, "tasks": tasks}, db,
+        services, db,
         [[(b"authorization", b"Basic " + base64.b64encode(
             f"a{i}:secret-{i}-0123456789".encode())), (b"user-agent", b"dutagent/bench")]
          for i in range(agents)],

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
-import sqlite3
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from dutserver import __version__, store
-from dutserver.auth import check_name, check_secret, hash_secret, load_key
-from dutserver.config import SETTING_FIELDS, load_settings
-from dutserver.errors import ApiError
+from dutserver import __version__
+from dutserver.config import SETTING_FIELDS, Settings, load_settings
+from dutserver.core.clock import now_ms
+from dutserver.core.credentials import check_name, check_secret, hash_secret, load_key
+from dutserver.core.errors import ApiError
+from dutserver.core.ports import AccountExists, Store
+from dutserver.store import create_store
+
+T = TypeVar("T")
 
 _SERVER_OPTIONS = [name for name in SETTING_FIELDS if name not in ("db_path", "port")]
 
@@ -49,29 +55,11 @@ def server(port: int, dbfile: Path, config_file: Path | None, **flags: Any) -> N
     from dutserver import server as server_module
     try:
         settings = load_settings({**flags, "port": port, "db_path": dbfile}, config_file)
-        _open(dbfile).close()  # fail here, with one clear line, if the database is unusable
         load_key(settings.key_path)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    _with_store(settings, _nothing)  # fail here, with one clear line, if the store is unusable
     server_module.run(settings)
-
-
-@main.command("compile")
-@click.option("--force", is_flag=True, help="Rebuild even if the build is up to date.")
-def compile_(force: bool) -> None:
-    """Compile the hot path to C with mypyc (dutserver/native.py); needs a C compiler."""
-    import subprocess
-
-    from dutserver import native
-    if native.is_fresh() and not force:
-        click.echo(f"dutserver: the compiled hot path in {native.NATIVE_DIR} is up to date")
-        return
-    click.echo("dutserver: compiling the hot path (mypyc, about half a minute)…")
-    try:
-        native.build()
-    except (OSError, ImportError, subprocess.CalledProcessError) as exc:
-        _fail(f"the hot path was not compiled ({exc}); the server runs it interpreted")
-    click.echo(f"dutserver: compiled into {native.NATIVE_DIR}")
 
 
 def _fail(msg: str) -> None:
@@ -79,11 +67,39 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
-def _open(dbfile: Path) -> sqlite3.Connection:
+def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """Runs fn with the store of settings open (migrated to the current schema), then closes
+    it, everything written committed."""
+    async def run() -> T:
+        store, _ = create_store(settings)
+        await store.open()
+        try:
+            value = await fn(store)
+            await store.barrier()
+            return value
+        finally:
+            await store.close()
     try:
-        return store.connect(dbfile)
-    except sqlite3.Error as exc:
-        _fail(f"cannot open database {dbfile}: {exc}")
+        return asyncio.run(run())
+    except (OSError, RuntimeError) as exc:
+        _fail(f"cannot use the database {settings.db_path}: {exc}")
+        raise
+    except Exception as exc:
+        if type(exc).__module__.startswith(("sqlite3", "psycopg", "asyncpg")):
+            _fail(f"cannot use the database {settings.db_path}: {exc}")
+        raise
+
+
+async def _nothing(store: Store) -> None:
+    return None
+
+
+def _settings(dbfile: Path) -> Settings:
+    """The same settings the server would use (DBFILE.key unless DUTSERVER_KEY_FILE says)."""
+    try:
+        return load_settings({"db_path": dbfile})
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
         raise
 
 
@@ -103,11 +119,6 @@ def _read_password(kind: str) -> str:
         raise
 
 
-def _key(dbfile: Path) -> bytes:
-    """The same key file the server uses (DBFILE.key unless DUTSERVER_KEY_FILE says otherwise)."""
-    return load_key(load_settings({"db_path": dbfile}).key_path)
-
-
 @main.command()
 @click.argument("dbfile", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("name")
@@ -120,41 +131,40 @@ def addaccount(dbfile: Path, name: str, kind: str) -> None:
         check_name(name)
     except ApiError as exc:
         _fail(exc.msg)
-    conn = _open(dbfile)
+    settings = _settings(dbfile)
     password = _read_password(kind)
+    digest = hash_secret(kind, password, load_key(settings.key_path))
+
+    async def add(store: Store) -> None:
+        await store.add_account(name, kind, digest, now_ms())
+        store.audit("cli", "account_create", f"{kind} {name}", None)
     try:
-        digest = hash_secret(kind, password, _key(dbfile))
-        conn.execute("BEGIN IMMEDIATE")
-        store.account_add(conn, name, kind, digest, store.now_ms())
-        store.audit_write(conn, "cli", "account_create", f"{kind} {name}", None)
-        conn.execute("COMMIT")
-    except store.AccountExists:
+        _with_store(settings, add)
+    except AccountExists:
         _fail(f"account {name} already exists")
-    except (sqlite3.Error, OSError) as exc:
-        _fail(f"cannot write {dbfile}: {exc}")
     click.echo(f"Added {kind} account {name}")
 
 
 def _change(dbfile: Path, name: str, action: str) -> None:
     if not dbfile.exists():
         _fail(f"no database at {dbfile}")
-    conn = _open(dbfile)
-    account = store.account_get(conn, name)
+    settings = _settings(dbfile)
+    account = _with_store(settings, lambda store: store.account(name))
     if account is None:
         _fail(f"unknown account: {name}")
         return
-    try:
+    digest = ""
+    if action != "remove":
+        digest = hash_secret(account.kind, _read_password(account.kind),
+                             load_key(settings.key_path))
+
+    async def change(store: Store) -> None:
         if action == "remove":
-            conn.execute("BEGIN IMMEDIATE")
-            store.account_remove(conn, name)
+            await store.remove_account(name)
         else:
-            digest = hash_secret(account[1], _read_password(account[1]), _key(dbfile))
-            conn.execute("BEGIN IMMEDIATE")
-            store.account_set_secret(conn, name, digest, store.now_ms())
-        store.audit_write(conn, "cli", f"account_{action}", name, None)
-        conn.execute("COMMIT")
-    except (sqlite3.Error, OSError) as exc:
-        _fail(f"cannot write {dbfile}: {exc}")
+            await store.set_secret(name, digest, now_ms())
+        store.audit("cli", f"account_{action}", name, None)
+    _with_store(settings, change)
 
 
 @main.command()
@@ -184,8 +194,8 @@ def accounts(dbfile: Path) -> None:
     """List the accounts: name and type."""
     if not dbfile.exists():
         _fail(f"no database at {dbfile}")
-    rows = store.accounts_all(_open(dbfile))
-    width = max([4, *(len(r[0]) for r in rows)])
+    rows = _with_store(_settings(dbfile), lambda store: store.accounts())
+    width = max([4, *(len(r.name) for r in rows)])
     click.echo(f"{'NAME':<{width}}  TYPE")
     for row in rows:
-        click.echo(f"{row[0]:<{width}}  {row[1]}")
+        click.echo(f"{row.name:<{width}}  {row.kind}")

@@ -17,6 +17,9 @@ class Settings:
     """Every timeout and limit of the server. Field docs become the `--help` texts."""
 
     db_path: Path = field(default=Path("dutserver.db"), metadata={"help": "SQLite database file"})
+    node_name: str = field(
+        default="", metadata={"help": "this server's name among the nodes of one database, "
+                                      "recorded with each task it delivers [default: local]"})
     port: int = field(default=8080, metadata={"help": "TCP port"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM)"})
@@ -32,6 +35,9 @@ class Settings:
     task_expiry_s: float = field(default=86400.0, metadata={"help": "default task lifetime"})
     session_idle_s: float = field(default=7200.0, metadata={"help": "session idle timeout"})
     session_max_s: float = field(default=86400.0, metadata={"help": "session absolute lifetime"})
+    session_cache_s: float = field(
+        default=1.0, metadata={"help": "how long a session is trusted from memory before it is "
+                                       "read again (a logout elsewhere holds after this long)"})
     ban_failures: int = field(default=5, metadata={"help": "failures per account+address"})
     ban_address_failures: int = field(
         default=50, metadata={"help": "failures per address a minute, any account"})
@@ -120,7 +126,7 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None,
 
 def _check(s: Settings) -> None:
     positive = ["poll_timeout_s", "submit_timeout_s", "submit_timeout_max_s", "task_expiry_s",
-                "session_idle_s", "session_max_s", "ban_s", "accounts_refresh_s",
+                "session_idle_s", "session_max_s", "session_cache_s", "ban_s", "accounts_refresh_s",
                 "sweep_interval_s", "checkpoint_interval_s", "index_interval_s", "queue_max",
                 "body_max_bytes", "ban_failures", "ban_address_failures"]
     for name in positive:

@@ -15,8 +15,8 @@ import uvicorn
 
 from dutserver.app import create_app
 from dutserver.config import Settings
-from dutserver.dispatcher import Dispatcher
-from dutserver.protocol import Protocol
+from dutserver.core.services import Services
+from dutserver.http.protocol import Protocol
 
 log = logging.getLogger("dutserver")
 
@@ -36,22 +36,22 @@ class _Server(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        dispatcher = getattr(getattr(self.config.app, "state", None), "dispatcher", None)
-        if dispatcher is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._drain, dispatcher)
+        services = getattr(getattr(self.config.app, "state", None), "services", None)
+        if services is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._drain, services)
         if not self.should_exit:
             log.info("stop signal %s: answering parked polls, finishing requests", sig)
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
-    def _drain(self, dispatcher: Dispatcher) -> None:
+    def _drain(self, services: Services) -> None:
         """Stop taking connections at once, then answer every parked poll (the protocol closes
         each connection after its answer while the dispatcher is closing). Otherwise 10,000
         agents answered {} poll again at once, on their open connections or new ones, and keep
         the loop too busy to get on with the shutdown for seconds."""
         for server in getattr(self, "servers", ()):
             server.close()
-        dispatcher.close()
+        services.close()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -88,7 +88,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         proxy_headers=False,    # addresses in the audit log and bans are the peers' own
         date_header=False,
         lifespan="on",
-        http=Protocol,          # fixed paths skip ASGI (protocol.py)
+        http=Protocol,          # fixed paths skip ASGI (http/protocol.py)
     )
 
 

@@ -396,7 +396,7 @@ async def test_readyz_is_503_while_shutting_down(tmp_path: Path) -> None:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             assert (await client.get("/readyz")).status_code == 200
-            app.state.dispatcher.close()  # what server.py does on SIGTERM
+            app.state.services.close()  # what server.py does on SIGTERM
             ready = await client.get("/readyz")
             assert_error(ready.status_code, dict(ready.headers), ready.content, 503)
             alive = await client.get("/healthz")

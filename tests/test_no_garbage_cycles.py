@@ -20,14 +20,14 @@ from bench.actors import Agent, AgentCounters, create_agents, login
 from bench.inprocess import hot_path
 from bench.loadgen import Connection, Target
 from dutserver.config import load_settings
-from dutserver.errors import ApiError
-from dutserver.direct import DirectRequest
+from dutserver.core.errors import ApiError
+from dutserver.http.answer import Reply
+from dutserver.http.direct import DirectRequest
 from dutserver.routes import classic
-from dutserver.routes.common import Reply
 from dutserver.server import uvicorn_config
 
 AGENTS = 8
-HOT_TYPES = {"Poll", "_Waiting", "Future", "TimerHandle", "Task", "DirectRequest",
+HOT_TYPES = {"Poll", "ParkedPoll", "Waiting", "Future", "TimerHandle", "Task", "DirectRequest",
              "function", "cell"}
 
 

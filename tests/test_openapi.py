@@ -17,7 +17,7 @@ from support import RunningServer, http
 
 from dutserver.app import create_app
 from dutserver.config import Settings
-from dutserver.routes.common import Endpoint
+from dutserver.http.endpoint import Endpoint
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 

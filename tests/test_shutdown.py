@@ -79,7 +79,7 @@ async def test_readiness_turns_503_when_stopping(tmp_path: Path) -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(manager.app),
                                      base_url="http://t") as client:
             assert (await client.get("/readyz")).status_code == 200
-            app.state.dispatcher.close()  # what the SIGTERM handler does
+            app.state.services.close()  # what the SIGTERM handler does
             r = await client.get("/readyz")
             assert r.status_code == 503 and r.json() == {"error": True, "msg": "Shutting down"}
             assert (await client.get("/healthz")).status_code == 200

@@ -13,9 +13,9 @@ import pytest
 from agent_support import Admin
 from support import start_server, wait_until
 
-from dutserver.model import Task, TaskState
-from dutserver.store import Store
-from dutserver.writer import InlineGroupCommitWriter
+from dutserver.core.model import Task, TaskState
+from dutserver.store.sqlite import SqliteStore as Store
+from dutserver.store.writer import InlineGroupCommitWriter
 
 RESTART_BYTES = 256 * 1024
 PAYLOAD = '{"pad": "' + "x" * 1000 + '"}'  # rows of a busy server's size: a WAL that grows fast
@@ -54,7 +54,7 @@ async def steady_writes(db: Store, seconds: float) -> int:
 @pytest.mark.parametrize("restart_bytes,bounded", [(RESTART_BYTES, True), (1 << 40, False)])
 async def test_wal_starts_over_under_steady_writes(tmp_path: Path, restart_bytes: int,
                                                    bounded: bool) -> None:
-    db = Store(tmp_path / "dut.db", "NORMAL", 0.0, restart_bytes)
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0, wal_restart_bytes=restart_bytes)
     await db.open()
     try:
         largest = await steady_writes(db, 2.0)
@@ -70,7 +70,7 @@ async def test_wal_starts_over_under_steady_writes(tmp_path: Path, restart_bytes
 async def test_commits_are_held_only_while_the_wal_is_long(tmp_path: Path) -> None:
     """The WAL file keeps its size when it starts over, so its size says nothing about how much
     it holds: judged by it, every checkpoint after the first restart held all commits."""
-    db = Store(tmp_path / "dut.db", "NORMAL", 0.0, RESTART_BYTES)
+    db = Store(tmp_path / "dut.db", "NORMAL", 0.0, wal_restart_bytes=RESTART_BYTES)
     await db.open()
     writer = db.writer
     assert isinstance(writer, InlineGroupCommitWriter)

@@ -1,5 +1,3 @@
-"""HTTP routes: classic.py (PROTOCOL part 1), api.py (part 2), ops.py (health, openapi, files)."""
-
-from dutserver import native
-
-native.use_in_subpackage(__path__, "routes")
+"""The routes of each wire protocol: classic.py (PROTOCOL part 1), api.py (part 2), ops.py
+(health, openapi, files). Each parses, makes one call into the core, and shapes the answer;
+none imports the store or the dispatcher."""

@@ -1,32 +1,26 @@
-"""PROTOCOL part 2: the native API under /api/v1/."""
+"""PROTOCOL part 2: the native API under /api/v1/. Parse, one call into the core, shape."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import json
-from typing import Any
+from dutserver.core.errors import ApiError
+from dutserver.core.model import TaskFilter
+from dutserver.core.views import iso
+from dutserver.http.answer import Reply, ok
+from dutserver.http.endpoint import Endpoint, Route
+from dutserver.http.request import Request, float_param, int_param
 
-from starlette.routing import Route
-
-from dutserver import store
-from dutserver.auth import Auth, check_secret, hash_secret
-from dutserver.errors import ApiError, unknown_agent
-from dutserver.routes.common import Endpoint, Reply, Request, float_param, int_param, ok
-from dutserver.tasks import Tasks, iso
-
-MAX_ID = 2**63 - 1  # SQLite's INTEGER; no task id can be larger
+MAX_ID = 2**63 - 1  # a 64-bit signed integer, as both stores keep it; no task id is larger
 STATES = ("queued", "delivered", "done", "failed", "cancelled", "expired")
 
 
-def require_admin(req: Request) -> str:
+async def require_admin(req: Request) -> str:
     header = req.header(b"authorization")
-    user = req.state["auth"].session(header)
+    user = await req.services.auth.session_of(header)
     if user is None:
         if header and (":" in header or header[:6].lower() == "basic "):
             raise ApiError(403, "Agent credentials cannot use the admin API")
         raise ApiError(401, "Not logged in, or the session expired")
-    return user  # type: ignore[no-any-return]
+    return user
 
 
 def path_task_id(req: Request) -> int:
@@ -38,14 +32,14 @@ def path_task_id(req: Request) -> int:
 
 async def session_info(req: Request) -> Reply:
     """Who the session belongs to and when it expires."""
-    user = require_admin(req)
-    expires_ms = req.state["auth"].expires_ms(req.header(b"authorization"))
+    user = await require_admin(req)
+    expires_ms = req.services.auth.expires_ms(req.header(b"authorization"))
     return ok({"user": user, "type": "admin", "expires_at": iso(expires_ms)})
 
 
 async def submit(req: Request) -> Reply:
     """Submit a task to agents without waiting; answered once the tasks are stored durably."""
-    user = require_admin(req)
+    user = await require_admin(req)
     body = await req.json_object()
     targets = body.get("targets")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
@@ -57,15 +51,15 @@ async def submit(req: Request) -> Reply:
                                   not isinstance(expires_s, (int, float)) or
                                   not 0 < expires_s <= 366 * 86400):
         raise ApiError(400, "expires_s must be a number of seconds between 0 and one year")
-    tasks: Tasks = req.state["tasks"]
-    created = await tasks.submit(targets, body.get("task"), user, expires_s, req.address)
+    created = await req.services.tasks.submit(targets, body.get("task"), user, expires_s,
+                                              req.address)
     return ok({"tasks": [{"id": t.id, "target": t.agent} for t in created]}, status=202)
 
 
 async def get_task(req: Request) -> Reply:
     """One task with its state and result; wait_s waits for a final state."""
-    require_admin(req)
-    tasks: Tasks = req.state["tasks"]
+    await require_admin(req)
+    tasks = req.services.tasks
     task_id = path_task_id(req)
     wait_s = float_param(req, "wait_s", 0.0, 60.0) if req.query.get("wait_s") else 0.0
     view = await (tasks.wait_final(task_id, wait_s) if wait_s else tasks.view(task_id))
@@ -74,7 +68,7 @@ async def get_task(req: Request) -> Reply:
 
 async def list_tasks(req: Request) -> Reply:
     """Task history, newest first, with filters; before_id pages."""
-    require_admin(req)
+    await require_admin(req)
     q = req.query
     state = q.get("state") or None
     if state is not None and state not in STATES:
@@ -91,132 +85,75 @@ async def list_tasks(req: Request) -> Reply:
             raise ApiError(400, "Invalid ids parameter: at most 1000 ids")
     limit = int_param(req, "limit", 100, minimum=1, maximum=1000)
     before = int_param(req, "before_id", None, minimum=0, maximum=MAX_ID)
-    tasks: Tasks = req.state["tasks"]
-    views = await tasks.history(q.get("target") or None, state, q.get("submitted_by") or None,
-                                before, ids, limit or 100)
+    views = await req.services.tasks.history(TaskFilter(
+        agent=q.get("target") or None, state=state, submitted_by=q.get("submitted_by") or None,
+        before_id=before, ids=tuple(ids) if ids is not None else None, limit=limit or 100))
     return ok({"tasks": views})
 
 
 async def cancel_task(req: Request) -> Reply:
     """Cancel a task that was not yet delivered (409 once it left the queue)."""
-    user = require_admin(req)
-    tasks: Tasks = req.state["tasks"]
-    view = await tasks.cancel(path_task_id(req), user, req.address)
+    user = await require_admin(req)
+    view = await req.services.tasks.cancel(path_task_id(req), user, req.address)
     return ok({"task": view})
-
-
-def _agent_view(req: Request, row: tuple[Any, ...]) -> dict[str, Any]:
-    name, last_seen_ms, address, version, inventory = row
-    slot = req.state["dispatcher"].slots.get(name)
-    if slot is not None and slot.last_seen_ms is not None:  # memory is newer than the table
-        last_seen_ms, address = slot.last_seen_ms, slot.address
-        version = slot.version or version
-    return {"name": name, "online": req.state["dispatcher"].is_online(name),
-            "last_seen": iso(last_seen_ms), "address": address, "agent_version": version,
-            "inventory": json.loads(inventory) if inventory else None}
 
 
 async def list_agent_status(req: Request) -> Reply:
     """Every agent with online status, last seen, address, version and (unless inventory=0)
     its last inventory."""
-    require_admin(req)
+    await require_admin(req)
     with_inventory = req.query.get("inventory", "1") not in ("0", "false", "no")
-    if with_inventory:
-        await req.state["store"].barrier()  # an inventory that just came in is shown
-    rows = await req.state["store"].read(store.agent_rows, with_inventory)
-    views = []
-    for row in rows:
-        view = _agent_view(req, row)
-        if not with_inventory:
-            view.pop("inventory", None)
-        views.append(view)
-    return ok({"agents": views})
+    return ok({"agents": await req.services.fleet.statuses(with_inventory)})
 
 
 async def get_agent(req: Request) -> Reply:
     """One agent's status and inventory."""
-    require_admin(req)
-    name = req.path_params["name"]
-    await req.state["store"].barrier()
-    rows = await req.state["store"].read(store.agent_rows, True, name)
-    if not rows:
-        raise unknown_agent(name)
-    return ok({"agent": _agent_view(req, rows[0])})
+    await require_admin(req)
+    return ok({"agent": await req.services.fleet.status(req.path_params["name"])})
 
 
 async def list_accounts(req: Request) -> Reply:
     """All accounts: name, type, creation and change times."""
-    require_admin(req)
-    rows = await req.state["store"].read(store.accounts_all)
-    return ok({"accounts": [{"name": r[0], "type": r[1], "created_at": iso(r[3]),
-                             "updated_at": iso(r[4])} for r in rows]})
+    await require_admin(req)
+    return ok({"accounts": await req.services.accounts.listing()})
 
 
 async def add_account(req: Request) -> Reply:
     """Create an account: name, type (admin or agent), password."""
-    user = require_admin(req)
+    user = await require_admin(req)
     body = await req.json_object()
     kind = body.get("type")
     if kind not in ("admin", "agent"):
         raise ApiError(400, "Invalid account type: use admin or agent")
-    await req.state["auth"].create_account(body.get("name"), kind, body.get("password"), user,
+    await req.services.auth.create_account(body.get("name"), kind, body.get("password"), user,
                                            req.address)
     return ok({"account": {"name": body["name"], "type": kind}}, status=201)
 
 
 async def change_password(req: Request) -> Reply:
     """Set an account's password; its sessions end."""
-    user = require_admin(req)
+    user = await require_admin(req)
     name = req.path_params["name"]
-    auth: Auth = req.state["auth"]
-    acc = auth.accounts.get(name)
-    if acc is None:
+    if name not in req.services.auth.accounts:
         raise ApiError(404, f"Unknown account: {name}")
     body = await req.json_object()
-    secret = check_secret(acc.kind, body.get("password"))
-    digest = await asyncio.to_thread(hash_secret, acc.kind, secret, auth.key)
-
-    # partials, not closures (a reference cycle when compiled: native.py)
-    if not await req.state["store"].write(functools.partial(_set_secret, name, digest)):
-        raise ApiError(404, f"Unknown account: {name}")
-    await auth.refresh()  # revokes its sessions: its secret changed
-    req.state["store"].audit(user, "account_password", f"{acc.kind} {name}", req.address)
+    await req.services.accounts.set_password(name, body.get("password"), user, req.address)
     return ok({"msg": "Password changed"})
-
-
-def _set_secret(name: str, digest: str, conn: Any) -> bool:
-    return store.account_set_secret(conn, name, digest, store.now_ms())
 
 
 async def remove_account(req: Request) -> Reply:
     """Remove an account; its sessions end and its queued tasks are cancelled."""
-    user = require_admin(req)
-    name = req.path_params["name"]
-    auth: Auth = req.state["auth"]
-    if name == user:
-        raise ApiError(409, "You cannot remove your own account")
-    acc = auth.accounts.get(name)
-    if acc is not None and acc.kind == "admin" and \
-            sum(a.kind == "admin" for a in auth.accounts.values()) <= 1:
-        raise ApiError(409, "Cannot remove the last admin account")
-
-    if not await req.state["store"].write(functools.partial(store.account_remove, name=name)):
-        raise ApiError(404, f"Unknown account: {name}")
-    await auth.refresh()  # revokes its sessions: it is gone
-    req.state["tasks"].cancel_for_removed_agents()
-    req.state["store"].audit(user, "account_remove", name, req.address)
+    user = await require_admin(req)
+    await req.services.accounts.remove(req.path_params["name"], user, req.address)
     return ok({"msg": "Account removed"})
 
 
 async def audit_log(req: Request) -> Reply:
     """Audit events, newest first; before_id pages."""
-    require_admin(req)
+    await require_admin(req)
     limit = int_param(req, "limit", 100, minimum=1, maximum=1000)
     before = int_param(req, "before_id", None, minimum=0, maximum=MAX_ID)
-    await req.state["store"].barrier()
-    rows = await req.state["store"].read(store.audit_rows, before, limit or 100)
-    return ok({"events": [{"id": r[0], "at": iso(r[1]), "actor": r[2], "action": r[3],
-                           "detail": r[4], "address": r[5]} for r in rows]})
+    return ok({"events": await req.services.accounts.audit_events(before, limit or 100)})
 
 
 def routes() -> list[Route]:

@@ -1,55 +1,57 @@
-"""PROTOCOL part 1: the classic dutserver endpoints, spoken exactly, with its fixes."""
+"""PROTOCOL part 1: the classic dutserver endpoints, spoken exactly, with its fixes.
+
+Each handler parses, makes one call into the core, and shapes the answer in the classic wire
+format. Compiled (dutserver/native.py): no closures on the hot path (poll, submit, result).
+"""
 
 from __future__ import annotations
 
 import functools
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from starlette.routing import Route
-
-from dutserver import codec, store
-from dutserver.auth import Auth
-from dutserver.errors import ApiError
-from dutserver.model import Task
-from dutserver.routes.common import (Endpoint, Reply, Request, Respond, after, direct, ok,
-                                      parse_json, raw_json, when_done)
-from dutserver.config import Settings
-from dutserver.dispatcher import Dispatcher
-from dutserver.tasks import TIMEOUT_MSG, Tasks
+from dutserver.core import codec
+from dutserver.core.auth import Auth
+from dutserver.core.errors import ApiError
+from dutserver.core.fleet import version_in_user_agent
+from dutserver.core.model import Task
+from dutserver.core.services import Services
+from dutserver.core.tasks import TIMEOUT_MSG, Tasks
+from dutserver.http.answer import Reply, ok, raw_json
+from dutserver.http.endpoint import Endpoint, Respond, Route, after, direct, when_done
+from dutserver.http.request import Request, parse_json
 
 EMPTY = Reply(200)
 EMPTY_TASK = raw_json(b"{}")
 
 
-def require_session(req: Request) -> str:
+def wire_json(task: Task) -> bytes:
+    """The task as the agent receives it, {…payload, "id": …, "type": …}, from the payload's
+    JSON as stored (encoded once, at the submit)."""
+    if not task.payload_json:
+        return codec.compact({**task.payload, "id": task.id, "type": task.type}).encode()
+    head = task.payload_json[:-1]
+    comma = "," if len(head) > 1 else ""
+    return f'{head}{comma}"id":{task.id},"type":{encode_basestring_ascii(task.type)}}}'.encode()
+
+
+async def require_session(req: Request) -> str:
     """The admin behind a classic session header; 403 as the classic server answers."""
-    auth: Auth = req.state["auth"]  # typed: compiled, a native call (dutserver/native.py)
-    user = auth.session(req.header(b"authorization"))
+    user = await req.services.auth.session_of(req.header(b"authorization"))
     if user is None:
         raise ApiError(403, "Invalid or expired session")
     return user
 
 
-async def require_agent(req: Request) -> str:
-    return await req.state["auth"].agent(  # type: ignore[no-any-return]
-        req.header(b"authorization"), req.address)
-
-
 def agent_version(req: Request) -> str | None:
-    """The reference agent says its version in its User-Agent: `dutagent/1.2.3`."""
     ua = req.header(b"user-agent")
-    return _version_in(ua) if ua else None
-
-
-@functools.lru_cache(maxsize=1024)  # every poll and result says it again: parse each once
-def _version_in(ua: str) -> str | None:
-    return ua[9:].split(" ", 1)[0][:32] if ua.startswith("dutagent/") else None
+    return version_in_user_agent(ua) if ua else None
 
 
 async def login(req: Request) -> Reply:
     """Log in with user and pass (query, form or JSON body); returns a session token."""
     fields = await req.fields()
-    token = await req.state["auth"].login(fields.get("user"), fields.get("pass"), req.address)
+    token = await req.services.auth.login(fields.get("user"), fields.get("pass"), req.address)
     return ok({"msg": "Logged in", "token": token})
 
 
@@ -58,60 +60,69 @@ async def logout(req: Request) -> Reply:
     header = req.header(b"authorization")
     if not header:
         raise ApiError(400, "Missing Authorization header")
-    user = req.state["auth"].session(header)
-    if req.state["auth"].logout(header):
-        req.state["store"].audit(user, "logout", "session closed", req.address)
+    await req.services.auth.logout(header, req.address)
     return ok({"msg": "Logged out"})
 
 
 async def list_agents(req: Request) -> Reply:
     """Agent names and their online status."""
-    require_session(req)
-    auth: Auth = req.state["auth"]
-    names = sorted(n for n, a in auth.accounts.items() if a.kind == "agent")
-    online = req.state["dispatcher"].is_online
-    return ok({"agents": names, "online": {n: online(n) for n in names}})
+    await require_session(req)
+    online = req.services.fleet.online()
+    return ok({"agents": list(online), "online": online})
 
 
 async def register_agent(req: Request) -> Reply:
     """Register an agent (anyone while self-registration is on; an admin session always)."""
-    admin = req.state["auth"].session(req.header(b"authorization"))
-    if admin is None and not await selfreg_enabled(req):
+    services = req.services
+    admin = await services.auth.session_of(req.header(b"authorization"))
+    if admin is None and not await services.accounts.selfreg_enabled():
         raise ApiError(405, "Agents self-registration is disabled")
     fields = await req.fields()
-    name, secret = fields.get("user"), fields.get("pass")
-    await req.state["auth"].create_account(name, "agent", secret, admin or "self-registration",
-                                           req.address)
+    await services.auth.create_account(fields.get("user"), "agent", fields.get("pass"),
+                                       admin or "self-registration", req.address)
     return EMPTY
-
-
-async def selfreg_enabled(req: Request) -> bool:
-    return bool(await req.state["store"].read(store.setting_get, "selfreg") == "1")
 
 
 async def get_selfreg(req: Request) -> Reply:
     """Whether agents may register themselves: text/plain 1 or 0."""
-    require_session(req)
-    return Reply(200, b"1" if await selfreg_enabled(req) else b"0", b"text/plain; charset=utf-8")
+    await require_session(req)
+    enabled = await req.services.accounts.selfreg_enabled()
+    return Reply(200, b"1" if enabled else b"0", b"text/plain; charset=utf-8")
 
 
 async def set_selfreg(req: Request) -> Reply:
     """Switch self-registration on (enabled=1) or off (enabled=0)."""
-    user = require_session(req)
+    user = await require_session(req)
     fields = await req.fields()
     value = str(fields.get("enabled", ""))
     if value not in ("0", "1"):
         raise ApiError(400, "Missing or invalid enabled parameter: use 1 or 0")
-    await req.state["store"].write(store.setting_write("selfreg", value))
-    req.state["store"].audit(user, "selfreg", "on" if value == "1" else "off", req.address)
+    await req.services.accounts.set_selfreg(value == "1", user, req.address)
     return EMPTY
 
 
 @direct
 def submit_task(req: Request, body: bytes, respond: Respond) -> None:
     """Submit a task to one or more agents and wait for the results."""
-    user = require_session(req)
-    settings: Settings = req.state["settings"]
+    auth: Auth = req.services.auth  # typed: compiled, a native call (dutserver/native.py)
+    header = req.header(b"authorization")
+    user = auth.session(header)
+    if user is None:  # not in memory, or not checked for a while: the store says
+        after(auth.session_of(header), respond,
+              functools.partial(_submit_as, req, body, respond))
+        return
+    _submit(req, body, respond, user)
+
+
+def _submit_as(req: Request, body: bytes, respond: Respond, user: str | None) -> None:
+    if user is None:
+        raise ApiError(403, "Invalid or expired session")
+    _submit(req, body, respond, user)
+
+
+def _submit(req: Request, body: bytes, respond: Respond, user: str) -> None:
+    services: Services = req.services
+    settings = services.settings
     raw_targets = req.query.get("target")
     if not raw_targets:
         raise ApiError(400, "Missing target parameter")
@@ -126,16 +137,20 @@ def submit_task(req: Request, body: bytes, respond: Respond) -> None:
             raise ApiError(400, "Invalid timeout parameter: must be above 0")
         timeout_s = min(timeout_s, settings.submit_timeout_max_s)
     task = parse_json(body)
-    auth: Auth = req.state["auth"]
-    tasks: Tasks = req.state["tasks"]
+    tasks: Tasks = services.tasks
     # Partials, not closures that call each other (a reference cycle when compiled: native.py)
     submit = functools.partial(tasks.submit_and_wait, targets, task, user, timeout_s,
                                req.gone(), req.address,
                                functools.partial(_answer_submit, targets, respond))
-    if all(t in auth.accounts for t in targets):
+    pending = tasks.prepare(targets)
+    if pending is None:
         submit()
-    else:  # maybe added by the CLI a moment ago: look before calling it unknown
-        after(auth.knows(targets), respond, lambda _: submit())
+    else:  # an account added a moment ago, say: look before calling it unknown
+        after(pending, respond, functools.partial(_call, submit))
+
+
+def _call(fn: functools.partial[None], _: object) -> None:
+    fn()
 
 
 def _answer_submit(targets: list[str], respond: Respond,
@@ -152,45 +167,45 @@ def _answer_submit(targets: list[str], respond: Respond,
 @direct
 def poll_task(req: Request, body: bytes, respond: Respond) -> None:
     """The agent's long-poll: the oldest queued task, or {} when the poll times out."""
-    auth: Auth = req.state["auth"]
+    auth: Auth = req.services.auth
     agent = auth.agent_known(req.header(b"authorization"), req.address)
-    if agent is None:  # maybe added or changed by the CLI a moment ago: 403 or known now
+    if agent is None:  # maybe added or changed a moment ago: 403 or known now
         after(auth.agent(req.header(b"authorization"), req.address), respond,
-              lambda known: _poll(req, respond, known))
+              functools.partial(_poll, req, respond))
         return
     _poll(req, respond, agent)
 
 
 def _poll(req: Request, respond: Respond, agent: str) -> None:
-    dispatcher: Dispatcher = req.state["dispatcher"]
-    tasks: Tasks = req.state["tasks"]
-    slot = dispatcher.poll_started(agent, req.address, agent_version(req))
-    gone = req.gone()
+    tasks: Tasks = req.services.tasks
+    tasks.poll(agent, req.address, agent_version(req), req.gone(),
+               functools.partial(_answer_poll, respond))
 
-    def answer(task: Task | None) -> None:
-        dispatcher.poll_ended(slot, dropped=gone.done() and task is None)
-        respond(EMPTY_TASK if task is None else raw_json(task.wire_json()))
 
-    tasks.next_for(agent, gone, answer)
+def _answer_poll(respond: Respond, task: Task | None) -> None:
+    respond(EMPTY_TASK if task is None else raw_json(wire_json(task)))
 
 
 @direct
 def post_result(req: Request, body: bytes, respond: Respond) -> None:
     """The agent posts the result of task `id`."""
-    auth: Auth = req.state["auth"]
+    auth: Auth = req.services.auth
     agent = auth.agent_known(req.header(b"authorization"), req.address)
     if agent is None:
         after(auth.agent(req.header(b"authorization"), req.address), respond,
-              lambda _: post_result(req, body, respond))  # known now, or refused
+              functools.partial(_result, req, body, respond))  # known now, or refused
         return
+    _result(req, body, respond, agent)
+
+
+def _result(req: Request, body: bytes, respond: Respond, agent: str) -> None:
     raw_id = req.query.get("id", "")
     if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
         raise ApiError(400, "Missing or invalid id parameter")
     result = parse_json(body)
-    dispatcher: Dispatcher = req.state["dispatcher"]
-    tasks: Tasks = req.state["tasks"]
-    dispatcher.seen(dispatcher.slot(agent), req.address, agent_version(req))
-    when_done(tasks.record_result(agent, int(raw_id), result), respond, EMPTY)
+    tasks: Tasks = req.services.tasks
+    when_done(tasks.result(agent, req.address, agent_version(req), int(raw_id), result),
+              respond, EMPTY)
 
 
 def routes() -> list[Route]:

@@ -1,5 +1,5 @@
 """The direct path: a request to a fixed-path Endpoint, from its parsed headers to its answer,
-without ASGI (dutserver/protocol.py hands each parser callback of such a request here).
+without ASGI (dutserver/http/protocol.py hands each parser callback of such a request here).
 
 The body is collected as it is parsed, the handler runs with a Request built from the parser's
 fields (DirectRequest), and the reply goes out as one write. That skips what a request costs
@@ -18,9 +18,11 @@ from typing import Any, ClassVar
 
 import httptools
 
-from dutserver.dispatcher import Dispatcher
-from dutserver.errors import ApiError
-from dutserver.routes.common import Endpoint, Reply, Request, error_reply, render, too_large
+from dutserver.core.errors import ApiError
+from dutserver.core.services import Services
+from dutserver.http.answer import Reply, refused, render
+from dutserver.http.endpoint import Endpoint
+from dutserver.http.request import Request, too_large
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 log = logging.getLogger("dutserver.http")
@@ -49,13 +51,13 @@ class DirectRequest(Request):
 
     def __init__(self, endpoint: Endpoint, method: str, raw_path: bytes,
                  headers: list[tuple[bytes, bytes]], by_name: dict[bytes, bytes], query: bytes,
-                 keep_alive: bool, expect_continue: bool, state: dict[str, Any],
+                 keep_alive: bool, expect_continue: bool, services: Services,
                  address: str) -> None:
         # Request's fields, set here rather than by its __init__: this runs for every request.
         self.method = method
         self.headers = headers
         self.query_string = query
-        self.state = state
+        self.services = services
         self.address = address
         self.path_params = _NO_PARAMS
         self._query = None
@@ -134,12 +136,11 @@ class Connection:
         self.tasks: Any = protocol.tasks
         self.access_log = bool(protocol.access_log)
         state: dict[str, Any] = protocol.app_state
-        self.app_state = state
         self.endpoints: dict[bytes, Endpoint] = state.get("endpoints") or {}
-        settings = state["settings"]
-        self.body_max_bytes: int = settings.body_max_bytes
-        self.keep_alive_s: float = settings.keep_alive_s
-        self.dispatcher: Dispatcher = state["dispatcher"]
+        services: Services = state["services"]
+        self.services = services
+        self.body_max_bytes: int = services.settings.body_max_bytes
+        self.keep_alive_s: float = services.settings.keep_alive_s
         self.address = address
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -172,7 +173,7 @@ class Connection:
             or parser.get_http_version() != "1.0")
         cycle = DirectRequest(endpoint, parser.get_method().decode("ascii"), url.path, headers,
                               by_name, url.query or b"", keep_alive, self.expect_continue,
-                              self.app_state, self.address)
+                              self.services, self.address)
         declared = by_name.get(b"content-length")  # its syntax is checked by the parser
         limit = self.body_max_bytes
         if declared is not None and (len(declared) > 18 or int(declared) > limit):
@@ -210,30 +211,21 @@ class Connection:
         self.running = cycle
         if cycle.error is not None:
             cycle.keep_alive = False  # the rest of the body is not read
-            self.respond(cycle, error_reply(cycle, cycle.path, cycle.error))
+            self.answer(cycle, cycle.error)
             return
-        handler = cycle.endpoint.direct_handlers.get(cycle.method)
-        if handler is None:
-            task = self.loop.create_task(self.serve(cycle))
+        # The same way in as ASGI's (Endpoint.dispatch). A direct handler answers now or from
+        # a callback, never from a task. A partial, not a closure (a reference cycle per
+        # request when compiled: native.py).
+        task = cycle.endpoint.dispatch(cycle, b"".join(cycle.chunks),
+                                       functools.partial(self.answer, cycle))
+        if task is not None:  # a coroutine handler: uvicorn's shutdown waits for it too
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
-            return
-
-        # The hot path: the handler answers now or from a callback, never from a task. A
-        # partial, not a closure (a reference cycle per request when compiled: native.py).
-        respond = functools.partial(self.answer, cycle)
-        try:
-            handler(cycle, b"".join(cycle.chunks), respond)
-        except Exception as exc:
-            respond(exc)
 
     def answer(self, cycle: DirectRequest, outcome: Reply | BaseException) -> None:
         if isinstance(outcome, BaseException):
-            outcome = error_reply(cycle, cycle.path, outcome)
+            outcome = refused(cycle.method, cycle.path, cycle.address, outcome)
         self.respond(cycle, outcome)
-
-    async def serve(self, cycle: DirectRequest) -> None:
-        self.respond(cycle, await cycle.endpoint.handle(cycle, cycle.path))
 
     def respond(self, cycle: DirectRequest, reply: Reply) -> None:
         if cycle.response_complete:
@@ -247,7 +239,7 @@ class Connection:
         if transport.is_closing():
             return
         # While shutting down, an answer is its connection's last.
-        keep_alive = cycle.keep_alive and not self.dispatcher.closing
+        keep_alive = cycle.keep_alive and not self.services.closing
         if self.access_log:
             self.protocol.access_logger.info(
                 '%s - "%s %s HTTP/%s" %d', self.address, cycle.method, cycle.path,

@@ -6,10 +6,10 @@ only makes sure that a queued task meets a waiting poll without a database round
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
-from dutserver.model import Task, TaskState
+from dutserver.core.model import Task, TaskState
+from dutserver.core.ports import Clock
 
 
 class Poll:
@@ -58,8 +58,9 @@ class AgentSlot:
 
 
 class Dispatcher:
-    def __init__(self, online_grace_s: float) -> None:
+    def __init__(self, online_grace_s: float, clock: Clock) -> None:
         self.online_grace_s = online_grace_s
+        self.clock = clock
         self.slots: dict[str, AgentSlot] = {}
         self.active: dict[int, Task] = {}  # queued or delivered tasks, by id
         self.closing = False
@@ -133,11 +134,10 @@ class Dispatcher:
     def poll_ended(self, slot: AgentSlot, dropped: bool) -> None:
         slot.active_polls -= 1
         if not dropped:  # a poll whose agent hung up does not keep it online
-            slot.last_poll_end = time.monotonic()
+            slot.last_poll_end = self.clock.monotonic()
 
-    @staticmethod
-    def seen(slot: AgentSlot, address: str | None, version: str | None) -> None:
-        slot.last_seen_ms = int(time.time() * 1000)
+    def seen(self, slot: AgentSlot, address: str | None, version: str | None) -> None:
+        slot.last_seen_ms = self.clock.now_ms()
         slot.address = address
         if version is not None:
             slot.version = version
@@ -149,7 +149,7 @@ class Dispatcher:
             return False
         if slot.active_polls > 0:
             return True
-        return time.monotonic() - slot.last_poll_end < self.online_grace_s
+        return self.clock.monotonic() - slot.last_poll_end < self.online_grace_s
 
     def parked_count(self) -> int:
         return sum(len(s.polls) for s in self.slots.values())

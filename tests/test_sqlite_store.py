@@ -4,14 +4,16 @@ Read back with the store's own history query, as GET /api/v1/tasks does."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from dutserver import store
-from dutserver.model import Task, TaskState
-from dutserver.store import Store
+from dutserver.core.model import Task, TaskFilter, TaskState
+from dutserver.store import sqlite_schema
+from dutserver.store import sqlite_sql as store
+from dutserver.store.sqlite import SqliteStore as Store
 
 
 @pytest.fixture
@@ -24,7 +26,8 @@ async def db(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 async def row(db: Store, task_id: int) -> dict[str, object] | None:
     await db.barrier()
-    return await db.read(store.task_row, task_id)
+    record = await db.read(store.task_get, task_id)
+    return dataclasses.asdict(record) if record is not None else None
 
 
 async def test_a_task_is_inserted_then_updated_to_each_state(db: Store) -> None:
@@ -33,7 +36,7 @@ async def test_a_task_is_inserted_then_updated_to_each_state(db: Store) -> None:
     assert await row(db, 7) == {
         "id": 7, "agent": "pc1", "type": "exec", "payload": '{"cmd":"ls"}', "state": "queued",
         "submitted_by": "admin", "created_ms": 1000, "expires_ms": 9000, "delivered_ms": None,
-        "finished_ms": None, "result": None}
+        "finished_ms": None, "result": None, "delivered_by": None}
     task.state, task.delivered_ms = TaskState.DELIVERED, 2000
     await db.save_task(task)
     task.state, task.finished_ms, task.result = TaskState.DONE, 3000, {"out": "x", "error": False}
@@ -77,8 +80,9 @@ async def test_a_task_whose_insert_never_landed_is_recorded_by_its_next_save(db:
 async def by(db: Store, target: str | None = None, submitted_by: str | None = None,
              state: str | None = None, before_id: int | None = None) -> list[int]:
     await db.index_tasks()
-    rows = await db.read(store.task_rows, target, state, submitted_by, before_id, None, 50)
-    return [r["id"] for r in rows]
+    rows = await db.read(store.task_rows, TaskFilter(target, state, submitted_by, before_id,
+                                                     None, 50))
+    return [r.id for r in rows]
 
 
 def _tasks(first: int, count: int) -> list[Task]:
@@ -120,10 +124,10 @@ async def test_what_a_crash_left_unindexed_is_indexed_at_start(tmp_path: Path) -
     db = Store(tmp_path / "dut.db", "NORMAL", 0.0)
     await db.open()
     try:
-        _, queued = await db.read(store.tasks_recover, 5000)
-        assert [t["id"] for t in queued] == [1, 2, 3, 4, 5]
-        rows = await db.read(store.task_rows, "pc2", None, None, None, None, 50)
-        assert [r["id"] for r in rows] == [5, 2]
+        queued = await db.read(store.tasks_recover, "local", 5000)
+        assert [t.id for t in queued] == [1, 2, 3, 4, 5]
+        rows = await db.read(store.task_rows, TaskFilter(agent="pc2"))
+        assert [r.id for r in rows] == [5, 2]
     finally:
         await db.close()
 
@@ -131,21 +135,21 @@ async def test_what_a_crash_left_unindexed_is_indexed_at_start(tmp_path: Path) -
 def test_an_old_database_gets_the_look_ups_of_its_tasks(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(store.MIGRATIONS[0])
+    conn.executescript(sqlite_schema.MIGRATIONS[0])
     conn.execute("PRAGMA user_version = 1")
     for n in range(1, 7):
         conn.execute("INSERT INTO tasks (id, agent, type, payload, state, submitted_by, "
                      "created_ms, expires_ms) VALUES (?, ?, 'ping', '{}', 'done', ?, 1, 2)",
                      (n, f"pc{n % 2}", "admin" if n < 4 else "ops"))
     conn.close()
-    conn = store.connect(path)
+    conn = sqlite_schema.connect(path)
     try:
-        assert [r["id"] for r in store.task_rows(conn, "pc0", None, None, None, None, 50)] \
+        assert [r.id for r in store.task_rows(conn, TaskFilter(agent="pc0"))] \
             == [6, 4, 2]
-        assert [r["id"] for r in store.task_rows(conn, None, None, "ops", None, None, 50)] \
+        assert [r.id for r in store.task_rows(conn, TaskFilter(submitted_by="ops"))] \
             == [6, 5, 4]
         store.tasks_index(conn)  # nothing new: nothing doubled
-        assert len(store.task_rows(conn, "pc1", None, None, None, None, 50)) == 3
+        assert len(store.task_rows(conn, TaskFilter(agent="pc1"))) == 3
     finally:
         conn.close()
 
@@ -160,7 +164,7 @@ async def test_history_still_answers_when_the_look_ups_cannot_be_written(
     monkeypatch.setattr(db, "index_pass", disk_full)
     await db.index_tasks()  # no exception: the history answers from what is indexed
     assert "database or disk is full" in caplog.text
-    assert await db.read(store.task_row, 3) is not None  # the tasks themselves are in
+    assert await db.read(store.task_get, 3) is not None  # the tasks themselves are in
     monkeypatch.undo()
     assert await by(db, target="pc1") == [1]  # and the look-ups catch up once they can
 
@@ -205,9 +209,8 @@ async def test_what_changed_state_after_the_last_index_is_right_after_a_crash(
     db = Store(tmp_path / "dut.db", "NORMAL", 0.0)
     await db.open()
     try:
-        next_id, queued = await db.read(store.tasks_recover, 5000)
-        assert next_id == 6
-        assert [t["id"] for t in queued] == [3, 4]
+        queued = await db.read(store.tasks_recover, "local", 5000)
+        assert [t.id for t in queued] == [3, 4]
         assert await by(db, state="done") == [1]
         assert await by(db, state="failed") == [2]
         assert await by(db, state="expired") == [5]
@@ -220,7 +223,7 @@ async def test_what_changed_state_after_the_last_index_is_right_after_a_crash(
 def test_a_version_2_database_keeps_its_ids_and_gets_the_state_look_ups(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    for migration in store.MIGRATIONS[:2]:
+    for migration in sqlite_schema.MIGRATIONS[:2]:
         conn.executescript(migration)
     conn.execute("PRAGMA user_version = 2")
     for n, state in ((1, "done"), (2, "queued"), (3, "failed")):
@@ -231,16 +234,15 @@ def test_a_version_2_database_keeps_its_ids_and_gets_the_state_look_ups(tmp_path
     conn.execute("INSERT INTO audit (at_ms, actor, action, detail) VALUES (1, 'a', 'login', '')")
     conn.execute("INSERT INTO audit (at_ms, actor, action, detail) VALUES (2, 'a', 'logout', '')")
     conn.close()
-    conn = store.connect(path)
+    conn = sqlite_schema.connect(path)
     try:
-        next_id, queued = store.tasks_recover(conn, 5000)
-        assert next_id == 41 and [t["id"] for t in queued] == [2]
-        assert [r["id"] for r in store.task_rows(conn, None, "failed", None, None, None, 50)] \
-            == [3]
-        assert [r["id"] for r in store.task_rows(conn, "pc1", None, None, None, None, 50)] \
-            == [3, 2, 1]
-        store.audit_write(conn, "a", "login", "", None)
-        assert [r[0] for r in store.audit_rows(conn, None, 50)] == [3, 2, 1]
+        queued = store.tasks_recover(conn, "local", 5000)
+        assert [t.id for t in queued] == [2]
+        assert store.reserve_task_ids(conn, 2) == range(41, 43)  # 4-40 were given out
+        assert [r.id for r in store.task_rows(conn, TaskFilter(state="failed"))] == [3]
+        assert [r.id for r in store.task_rows(conn, TaskFilter(agent="pc1"))] == [3, 2, 1]
+        conn.execute(store.AUDIT_INSERT, (3, "a", "login", "", None))
+        assert [r.id for r in store.audit_rows(conn, None, 50)] == [3, 2, 1]
         sql = " ".join(r[0] for r in conn.execute("SELECT sql FROM sqlite_schema "
                                                   "WHERE name IN ('tasks', 'audit')"))
         assert "AUTOINCREMENT" not in sql

@@ -1,7 +1,7 @@
 """The HTTP protocol: uvicorn's httptools protocol, with a direct path for our Endpoints.
 
 A request to a fixed-path Endpoint (polls, submits, results, every fixed API path) does not go
-through ASGI: each parser callback goes to the connection's Connection (dutserver/direct.py),
+through ASGI: each parser callback goes to the connection's Connection (dutserver/http/direct.py),
 which answers it without the app. Everything else (the web files, paths with parameters,
 WebSocket upgrades) takes uvicorn's own path unchanged, and so do connection handling,
 pipelining, flow control and the graceful shutdown; malformed requests get our error shape, and
@@ -20,17 +20,17 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from dutserver.direct import Connection, DirectRequest
-from dutserver.errors import ApiError
-from dutserver.routes.common import Reply, render
+from dutserver.core.errors import ApiError
+from dutserver.http.answer import error_reply, render
+from dutserver.http.direct import Connection, DirectRequest
 
 log = logging.getLogger("dutserver.http")
-_MALFORMED = Reply(400, ApiError(400, "Malformed HTTP request").body(), b"application/json")
+_MALFORMED = error_reply(ApiError(400, "Malformed HTTP request"))
 
 
 class Protocol(HttpToolsProtocol):
     """Set as uvicorn's http protocol class by server.py. The lifespan state carries the
-    Endpoints by raw path ("endpoints") and the settings (for the body limit). A request for
+    Endpoints by raw path ("endpoints") and the Services ("services"). A request for
     one of them goes to the connection's Connection; the rest takes uvicorn's path."""
 
     cycle: Any

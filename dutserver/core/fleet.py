@@ -1,0 +1,62 @@
+"""The agents as admins see them: online status from this process's polls, the rest from the
+store (last seen, address, version, inventory), whichever is newer."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from dutserver.core.auth import Auth
+from dutserver.core.dispatcher import Dispatcher
+from dutserver.core.errors import unknown_agent
+from dutserver.core.model import AgentRecord
+from dutserver.core.ports import Store
+from dutserver.core.views import iso
+
+
+@functools.lru_cache(maxsize=1024)  # every poll and result says it again: parse each once
+def version_in_user_agent(user_agent: str) -> str | None:
+    """The reference agent says its version in its User-Agent: `dutagent/1.2.3`."""
+    return user_agent[9:].split(" ", 1)[0][:32] if user_agent.startswith("dutagent/") else None
+
+
+class Fleet:
+    def __init__(self, store: Store, dispatcher: Dispatcher, auth: Auth) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.auth = auth
+
+    def online(self) -> dict[str, bool]:
+        """Every agent's name and whether it is online (the classic /agents)."""
+        is_online = self.dispatcher.is_online
+        return {n: is_online(n) for n in
+                sorted(n for n, a in self.auth.accounts.items() if a.kind == "agent")}
+
+    async def statuses(self, with_inventory: bool) -> list[dict[str, Any]]:
+        if with_inventory:
+            await self.store.barrier()  # an inventory that just came in is shown
+        views = []
+        for record in await self.store.agents(with_inventory):
+            view = self._view(record)
+            if not with_inventory:
+                view.pop("inventory", None)
+            views.append(view)
+        return views
+
+    async def status(self, name: str) -> dict[str, Any]:
+        await self.store.barrier()
+        records = await self.store.agents(True, name)
+        if not records:
+            raise unknown_agent(name)
+        return self._view(records[0])
+
+    def _view(self, record: AgentRecord) -> dict[str, Any]:
+        last_seen_ms, address, version = record.last_seen_ms, record.address, record.version
+        slot = self.dispatcher.slots.get(record.name)
+        if slot is not None and slot.last_seen_ms is not None:  # memory is newer than the store
+            last_seen_ms, address = slot.last_seen_ms, slot.address
+            version = slot.version or version
+        return {"name": record.name, "online": self.dispatcher.is_online(record.name),
+                "last_seen": iso(last_seen_ms), "address": address, "agent_version": version,
+                "inventory": json.loads(record.inventory) if record.inventory else None}

@@ -1,0 +1,109 @@
+"""The task as it lives in memory while it is queued or running, its states, and the records
+the store gives back (core/ports.py): plain data, no SQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class TaskState(str, Enum):
+    QUEUED = "queued"        #: stored, waiting for its agent's poll
+    DELIVERED = "delivered"  #: handed to the agent (durably recorded first); result pending
+    DONE = "done"            #: the agent posted a result without "error": true
+    FAILED = "failed"        #: the agent reported an error, or no result came before the deadline
+    CANCELLED = "cancelled"  #: withdrawn before delivery (by an admin, or its submitter left)
+    EXPIRED = "expired"      #: its deadline passed while it was still queued
+
+
+FINAL_STATES = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
+                          TaskState.EXPIRED})
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    id: int
+    agent: str
+    type: str
+    payload: dict[str, Any]
+    submitted_by: str
+    created_ms: int
+    expires_ms: int
+    state: TaskState = TaskState.QUEUED
+    delivered_ms: int | None = None
+    finished_ms: int | None = None
+    result: dict[str, Any] | None = None
+    delivered_by: str | None = None  # the node that handed it over (its recovery ends it)
+    payload_json: str = field(default="", repr=False)  # as stored, encoded once
+    # The blocking submit waiting for this task's result, if any (tasks._Waiting).
+    waiter: Any = field(default=None, repr=False)
+    stored: bool = field(default=False, repr=False)  # its insert has been queued (store.py)
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A task as stored: payload and result as their JSON text."""
+
+    id: int
+    agent: str
+    type: str
+    payload: str
+    state: str
+    submitted_by: str
+    created_ms: int
+    expires_ms: int
+    delivered_ms: int | None
+    finished_ms: int | None
+    result: str | None
+    delivered_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """What the history asks for: every field optional, newest first, at most `limit`."""
+
+    agent: str | None = None
+    state: str | None = None
+    submitted_by: str | None = None
+    before_id: int | None = None
+    ids: tuple[int, ...] | None = None
+    limit: int = 100
+
+
+@dataclass(slots=True)
+class AccountRecord:
+    name: str
+    kind: str  # admin or agent
+    secret_hash: str
+    created_ms: int
+    updated_ms: int
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    digest: str
+    account: str
+    created_ms: int
+    last_used_ms: int
+
+
+@dataclass(slots=True)
+class AgentRecord:
+    """An agent account and what was last stored of its status."""
+
+    name: str
+    last_seen_ms: int | None
+    address: str | None
+    version: str | None
+    inventory: str | None  # JSON, when asked for
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    id: int
+    at_ms: int
+    actor: str | None
+    action: str
+    detail: str | None
+    address: str | None

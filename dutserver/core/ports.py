@@ -1,0 +1,160 @@
+"""What the core needs from outside, as typing.Protocols: a Store, a Notifier, a Clock.
+
+The core (tasks, polls, auth, accounts, fleet) only ever calls these; dutserver/store/ implements
+Store and Notifier (SQLite now: the notifier in-process; PostgreSQL: LISTEN/NOTIFY), core/clock.py
+the real Clock, and the core tests small fakes of all three. Nothing of SQL crosses this line: no
+statement text, no connection, no callback that takes one; records are the plain dataclasses of
+core/model.py.
+
+Writes on the hot path (a task's state, an audit event, last-seen times) are queued, not awaited:
+they return a Future that resolves once their batch is committed (group commit), so a request
+that must be durable waits for its batch, and the rest never wait. Reads are coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord, Task,
+                                  TaskFilter, TaskRecord)
+
+
+class AccountExists(Exception):
+    """An account of that name is there already (Store.add_account)."""
+
+
+class Store(Protocol):
+    """The database: durable facts shared by every process of a fleet."""
+
+    node: str  #: the name of this process in its fleet, written as a task's `delivered_by`
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def periodic(self) -> list[tuple[float, Callable[[], Awaitable[None]]]]:
+        """Housekeeping of the store's own, as (interval_s, step): app.py runs each."""
+        ...
+
+    async def barrier(self) -> None:
+        """Waits until every write queued before it is committed (read-your-writes)."""
+        ...
+
+    # --- tasks: ids, the hot path's writes, recovery, finding one ----------------------------
+
+    async def reserve_task_ids(self, count: int) -> range:
+        """count task ids no process was given before, nor ever will be."""
+        ...
+
+    def save_task(self, task: Task) -> asyncio.Future[Any]:
+        """Queues the task as it is now (insert first, then its changes); the future resolves
+        at the commit."""
+        ...
+
+    async def finish_task(self, task_id: int, expected_state: str, state: str,
+                          result_json: str, finished_ms: int) -> bool:
+        """Ends a task that is not in this process's memory, if it is still in expected_state
+        (compare and set: of two processes ending one task, one wins)."""
+        ...
+
+    async def recover(self, now_ms: int) -> list[TaskRecord]:
+        """Start-up of this node: the tasks it delivered without a result fail, queued tasks
+        past their deadline expire; returns the queued tasks (oldest first)."""
+        ...
+
+    async def task(self, task_id: int) -> TaskRecord | None: ...
+
+    async def tasks(self, where: TaskFilter) -> list[TaskRecord]:
+        """History, newest first; what was saved before the call is found."""
+        ...
+
+    # --- accounts, sessions, bans, settings --------------------------------------------------
+
+    async def accounts_rev(self) -> int:
+        """A number that changes whenever an account does (by any process)."""
+        ...
+
+    async def accounts(self) -> list[AccountRecord]: ...
+
+    async def account(self, name: str) -> AccountRecord | None: ...
+
+    async def add_account(self, name: str, kind: str, secret_hash: str, now_ms: int) -> None:
+        """Raises AccountExists."""
+        ...
+
+    async def set_secret(self, name: str, secret_hash: str, now_ms: int) -> bool:
+        """False when there is no such account; the account's sessions end."""
+        ...
+
+    async def remove_account(self, name: str) -> bool:
+        """False when there is no such account; its sessions end."""
+        ...
+
+    async def add_session(self, digest: str, account: str, now_ms: int) -> None: ...
+
+    def delete_session(self, digest: str) -> None: ...
+
+    def touch_sessions(self, rows: Sequence[tuple[int, str]]) -> None:
+        """(last_used_ms, digest) of sessions used since the last call."""
+        ...
+
+    async def session(self, digest: str) -> SessionRecord | None: ...
+
+    def add_ban(self, key: str, until_ms: int) -> None: ...
+
+    async def bans(self, now_ms: int) -> dict[str, int]:
+        """The bans in force: key -> until_ms."""
+        ...
+
+    async def setting(self, key: str) -> str | None: ...
+
+    async def set_setting(self, key: str, value: str) -> None: ...
+
+    # --- agents' status, audit ---------------------------------------------------------------
+
+    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None]]) -> None:
+        """(name, last_seen_ms, address, version) of agents seen since the last call."""
+        ...
+
+    def agent_inventory(self, name: str, inventory_json: str) -> None: ...
+
+    async def agents(self, with_inventory: bool, name: str | None = None) -> list[AgentRecord]:
+        """Every agent account with its status (one, with name)."""
+        ...
+
+    def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
+        """Records an audit event in the next batch; nobody waits for it."""
+        ...
+
+    async def audit_events(self, before_id: int | None, limit: int) -> list[AuditRecord]: ...
+
+
+class Notifier(Protocol):
+    """Wake-ups between the processes of a fleet: in-process for SQLite (one process),
+    PostgreSQL's LISTEN/NOTIFY when several share a database. Each process subscribes once.
+    (The shared queues of several nodes add "agent X has work" here, with their store.)"""
+
+    fleet: bool  #: whether other processes listen; when not, the core sends nothing
+
+    def task_finished(self, task_id: int) -> None:
+        """This process ended a task that another one may hold (a submitter waits there)."""
+        ...
+
+    def subscribe(self, on_finished: Callable[[int], None]) -> None: ...
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Wall time for what is stored, monotonic time for what is measured, and timers: a fake
+    one lets the core tests run timeouts, expiries and bans without sleeping."""
+
+    def now_ms(self) -> int: ...
+
+    def monotonic(self) -> float: ...
+
+    def call_later(self, delay_s: float, fn: Callable[..., object], *args: Any) -> Timer: ...

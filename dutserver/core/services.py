@@ -1,0 +1,62 @@
+"""The core's services in one typed object: what every route module gets (as `req.services`)
+instead of strings into a state dict. The dispatcher is not among them: routes reach queues and
+polls only through Tasks and Fleet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dutserver.config import Settings
+from dutserver.core.accounts import Accounts
+from dutserver.core.auth import Auth
+from dutserver.core.dispatcher import Dispatcher
+from dutserver.core.fleet import Fleet
+from dutserver.core.ports import Clock, Notifier, Store
+from dutserver.core.tasks import Tasks
+
+
+@dataclass(eq=False)
+class Services:
+    settings: Settings
+    auth: Auth
+    tasks: Tasks
+    fleet: Fleet
+    accounts: Accounts
+    openapi: bytes = b"{}"  # this server's OpenAPI description (http/openapi.py)
+
+    @property
+    def closing(self) -> bool:
+        """Shutting down: answers close their connections, /readyz says 503."""
+        return self.tasks.closing
+
+    async def start(self) -> None:
+        """Start-up: the accounts and bans, then this node's recovery."""
+        await self.auth.refresh()
+        await self.tasks.recover()
+
+    def close(self) -> None:
+        """Shutdown, first step: every parked poll ends now, empty; new ones end at once."""
+        self.tasks.dispatcher.close()
+
+    async def refresh(self) -> None:
+        """Every accounts_refresh_s: account changes made elsewhere, the bans in force."""
+        before = set(self.auth.accounts)
+        await self.auth.refresh()
+        if before - set(self.auth.accounts):
+            self.tasks.cancel_for_removed_agents()
+
+    def sweep(self) -> None:
+        """Every sweep_interval_s, and once more at shutdown: expiries, last-seen times,
+        session use, old throttle counters."""
+        self.tasks.sweep()
+        self.auth.flush_sessions()
+        self.auth.throttle.prune()
+
+
+def build_services(settings: Settings, store: Store, notifier: Notifier,
+                   clock: Clock) -> Services:
+    auth = Auth(settings, store, clock)
+    dispatcher = Dispatcher(settings.online_grace_s, clock)
+    tasks = Tasks(settings, store, notifier, clock, dispatcher, auth)
+    return Services(settings, auth, tasks, Fleet(store, dispatcher, auth),
+                    Accounts(store, clock, auth, tasks))
