@@ -94,6 +94,15 @@ async def _nothing(store: Store) -> None:
     return None
 
 
+def _key(settings: Settings) -> bytes:
+    """The same key file the server uses (DBFILE.key unless DUTSERVER_KEY_FILE says)."""
+    try:
+        return load_key(settings.key_path)
+    except OSError as exc:
+        _fail(f"cannot use the key file {settings.key_path}: {exc}")
+        raise
+
+
 def _settings(dbfile: Path) -> Settings:
     """The same settings the server would use (DBFILE.key unless DUTSERVER_KEY_FILE says)."""
     try:
@@ -132,8 +141,9 @@ def addaccount(dbfile: Path, name: str, kind: str) -> None:
     except ApiError as exc:
         _fail(exc.msg)
     settings = _settings(dbfile)
+    _with_store(settings, _nothing)  # a clear error now, before the password is asked for
     password = _read_password(kind)
-    digest = hash_secret(kind, password, load_key(settings.key_path))
+    digest = hash_secret(kind, password, _key(settings))
 
     async def add(store: Store) -> None:
         await store.add_account(name, kind, digest, now_ms())
@@ -155,8 +165,7 @@ def _change(dbfile: Path, name: str, action: str) -> None:
         return
     digest = ""
     if action != "remove":
-        digest = hash_secret(account.kind, _read_password(account.kind),
-                             load_key(settings.key_path))
+        digest = hash_secret(account.kind, _read_password(account.kind), _key(settings))
 
     async def change(store: Store) -> None:
         if action == "remove":

@@ -333,3 +333,35 @@ def test_body_limit_is_exact_and_a_refused_result_can_be_sent_again(ctx: Ctx) ->
     assert agent.post(task_id, {"output": "short"})[0] == 200
     status, _, raw = call(ctx.srv, "GET", f"/api/v1/tasks/{task_id}", token=ctx.token)
     assert json.loads(raw)["task"]["result"] == {"output": "short", "error": False}
+
+
+@pytest.mark.parametrize("path", ["/", "/tasks", "/api/v1/tasks", "/no/such/path"])
+def test_a_websocket_upgrade_nobody_serves_is_an_error_in_our_shape(ctx: Ctx, path: str) -> None:
+    """Until a protocol of ours speaks WebSocket, an upgrade to any path is refused as an HTTP
+    answer in the error shape (it was a 500 with a traceback in the log), and the server goes on
+    serving."""
+    import base64
+    import os
+    import socket
+
+    port = int(ctx.srv.url.rsplit(":", 1)[1])
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int({k.lower(): v for k, v in headers.items()}.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    status = int(lines[0].split()[1])
+    assert_error(status, headers, body, 404, "Not found")
+    assert http("GET", ctx.srv.url + "/healthz")[0] == 200

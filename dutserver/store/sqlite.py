@@ -80,6 +80,7 @@ class SqliteStore:
         self._restated: dict[int, int] = {}
         self._changes = 0
         self._checkpointed_commits = -1  # the writer's commit count at the last checkpoint
+        self._closed = False
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -90,6 +91,10 @@ class SqliteStore:
         self.writer.start()
 
     async def close(self) -> None:
+        """Commits what is queued, then closes; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if isinstance(self.writer, InlineGroupCommitWriter):
             self.writer.stop()
         else:
