@@ -1,6 +1,13 @@
-"""Whether the hot path runs compiled: the wheel's build hook (hatch_build.py) compiles the
-modules in COMPILED with mypyc when a C compiler is there; otherwise the same modules run
-interpreted, the same behaviour, slower. Nothing here runs at import.
+"""Which modules are compiled, and whether they run compiled.
+
+The wheel's build hook (hatch_build.py: `pip install .`, `python -m build`, `make native`) reads
+COMPILED from this file's text and compiles those modules with mypyc into the wheel when a C
+compiler and the Python headers are there: each becomes an extension module beside its source,
+which the import system prefers. Without them the wheel is pure Python, the same behaviour,
+slower, and carries _native.txt, the reason, for the start-up line. Nothing here runs at
+import: the interpreter imports whichever the installation holds. In a checkout, `make run` and
+`make test` run the build of the sources as they are (build/native, rebuilt when a source
+changed); the sources themselves run interpreted.
 
 What compiled code asks of those modules' sources (mypyc's rules): declared types are checked
 at run time (a value of the wrong type is a TypeError, so a third-party stub that says bytes
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+from pathlib import Path
 
 # The modules a request passes through (under dutserver/). The rest (app set-up, the CLI,
 # OpenAPI, the web files) runs once or rarely, and stays interpreted.
@@ -39,7 +47,15 @@ def active() -> bool:
 
 
 def describe() -> str:
-    """For the start-up line."""
+    """For the start-up line: "compiled", or "interpreted: why"."""
     if active():
         return "compiled"
-    return "interpreted: install with a C compiler present to compile it (dutserver/native.py)"
+    package = Path(__file__).resolve().parent
+    try:  # written by the build hook into a wheel it could not compile
+        why = (package / "_native.txt").read_text(encoding="utf-8").strip()
+    except OSError:
+        if (package.parent / "hatch_build.py").is_file():
+            why = "the sources of a checkout (`make run` runs them compiled)"
+        else:
+            why = "installed without its compiled modules"
+    return f"interpreted: {why}"

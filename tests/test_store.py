@@ -148,6 +148,17 @@ async def test_sessions_are_shared_and_end(open_store: OpenStore) -> None:
     assert await other.session("d1") is None
 
 
+async def test_ended_sessions_are_pruned(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_account("admin", "admin", "h", 1)
+    for digest, created, used in (("idle", 1000, 2000), ("old", 500, 9000), ("live", 3000, 9000)):
+        await store.add_session(digest, "admin", created)
+        store.touch_sessions([(used, digest)])
+    store.prune_sessions(5000, 1000)  # idle since before 5000, or opened before 1000
+    await store.barrier()
+    assert [d for d in ("idle", "old", "live") if await store.session(d)] == ["live"]
+
+
 async def test_bans_are_shared_until_they_end(open_store: OpenStore) -> None:
     store, other = await open_store("a"), await open_store("b")
     store.add_ban("pc1\x00127.0.0.9", 9000)

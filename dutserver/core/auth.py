@@ -28,6 +28,7 @@ log = logging.getLogger("dutserver.auth")
 
 _DIGESTS_KEPT = 1024
 _DIGEST_HEADER_MAX = 80  # "Bearer " and 64 hex digits, with a little room
+_PRUNE_EVERY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class Session:
     last_used_ms: int
     checked: float  # monotonic time it was last read from the store
     dirty: bool = False
+    rechecking: bool = False  # a read of it from the store is under way
 
 
 class Auth:
@@ -60,6 +62,7 @@ class Auth:
         self._digests: dict[str, str] = {}  # session header -> its token's digest
         self.throttle = Throttle(settings, store, clock)
         self._rev = -1
+        self._next_prune = 0.0
 
     async def refresh(self) -> bool:
         """Re-reads the accounts when their revision changed (every change bumps it), and the
@@ -180,12 +183,34 @@ class Auth:
     def session(self, header: str | None) -> str | None:
         """The admin a session header belongs to, from memory: None when missing, unknown,
         expired, or not checked against the store for `session_cache_s` (then `session_of`
-        reads it)."""
+        reads it). A session in steady use is read again in the background after half that
+        time, so that its requests never wait for the store."""
         digest = self._digest(header)
         sess = self.sessions.get(digest) if digest else None
-        if sess is None or self.clock.monotonic() - sess.checked > self.s.session_cache_s:
+        if sess is None:
             return None
+        age = self.clock.monotonic() - sess.checked
+        if age > self.s.session_cache_s:
+            return None
+        if age > self.s.session_cache_s / 2 and not sess.rechecking:
+            sess.rechecking = True
+            asyncio.ensure_future(self._recheck(cast(str, digest), sess))
         return self._use(cast(str, digest), sess)
+
+    async def _recheck(self, digest: str, sess: Session) -> None:
+        try:
+            record = await self.store.session(digest)
+        except Exception:  # the store is away: the session ages out of the cache instead
+            log.exception("reading session from the store failed")
+            return
+        finally:
+            sess.rechecking = False
+        if record is None:  # ended elsewhere
+            if self.sessions.get(digest) is sess:
+                del self.sessions[digest]
+            return
+        sess.last_used_ms = max(sess.last_used_ms, record.last_used_ms)
+        sess.checked = self.clock.monotonic()
 
     async def session_of(self, header: str | None) -> str | None:
         """session(), reading the store when memory cannot tell (the session was opened on
@@ -282,8 +307,13 @@ class Auth:
                 del self.sessions[digest]
 
     def flush_sessions(self) -> None:
-        """Writes idle-time updates in one batch; called by the sweeper, not per request."""
+        """Writes idle-time updates in one batch; called by the sweeper, not per request.
+        Now and then also deletes the stored sessions that ended (those of every node)."""
         now = self.clock.now_ms()
+        if self.clock.monotonic() >= self._next_prune:
+            self._next_prune = self.clock.monotonic() + _PRUNE_EVERY_S
+            self.store.prune_sessions(now - int(self.s.session_idle_s * 1000),
+                                      now - int(self.s.session_max_s * 1000))
         rows = []
         for digest, sess in list(self.sessions.items()):
             if self._expired(sess, now):

@@ -102,6 +102,10 @@ class Store(Protocol):
 
     async def session(self, digest: str) -> SessionRecord | None: ...
 
+    def prune_sessions(self, last_used_before_ms: int, created_before_ms: int) -> None:
+        """Deletes the sessions idle since, or opened before, these times."""
+        ...
+
     def add_ban(self, key: str, until_ms: int) -> None: ...
 
     async def bans(self, now_ms: int) -> dict[str, int]:

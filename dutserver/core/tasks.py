@@ -32,7 +32,6 @@ from dutserver.core.waiting import TIMED_OUT, Hangup, ParkedPoll, Waiting
 log = logging.getLogger("dutserver.tasks")
 
 TIMEOUT_MSG = "Time out while waiting for task result"
-NO_RESULT = {"error": True, "msg": "no result"}
 _ID_BLOCK = 4096  # task ids reserved from the store at a time (a fleet's nodes share them)
 
 
@@ -45,8 +44,9 @@ class Tasks:
         self.clock = clock
         self.dispatcher = dispatcher
         self.auth = auth
-        self._ids = range(0)
+        self._ids = range(0)  # the block of task ids in use, and where in it we are
         self._id_at = 0
+        self._spare = range(0)  # the next block, fetched before the one in use runs out
         self._reserving: asyncio.Future[None] | None = None
         notifier.subscribe(self.on_task_finished)
 
@@ -73,27 +73,30 @@ class Tasks:
     def _ids_left(self) -> int:
         return len(self._ids) - self._id_at
 
+    def _has_ids(self, count: int) -> bool:
+        return self._ids_left() >= count or len(self._spare) >= count
+
     async def _reserve(self, count: int) -> None:
-        if self._ids_left() >= count:
-            return
-        if self._reserving is None:
-            self._reserving = asyncio.ensure_future(self._reserve_block(count))
-        await asyncio.shield(self._reserving)
-        await self._reserve(count)  # a block taken meanwhile by others may be too small
+        while not self._has_ids(count):
+            if self._reserving is None:
+                self._reserving = asyncio.ensure_future(self._reserve_block(count))
+            await asyncio.shield(self._reserving)
 
     async def _reserve_block(self, count: int) -> None:
         try:
-            block = await self.store.reserve_task_ids(max(count, _ID_BLOCK))
-            # What is left of the old block goes unused: ids are never given out twice,
-            # gaps are allowed.
-            self._ids, self._id_at = block, 0
+            self._spare = await self.store.reserve_task_ids(max(count, _ID_BLOCK))
         finally:
             self._reserving = None
 
     def _take_ids(self, count: int) -> range:
+        """count ids, from the block in use or else the spare one (what is left of the old
+        block goes unused: ids are never given out twice; gaps are allowed). The next spare
+        block is fetched in the background well before it is needed."""
+        if self._ids_left() < count:
+            self._ids, self._id_at, self._spare = self._spare, 0, range(0)
         start = self._id_at
         self._id_at += count
-        if self._ids_left() < _ID_BLOCK // 4 and self._reserving is None:
+        if not self._spare and self._reserving is None and self._ids_left() < _ID_BLOCK // 2:
             self._reserving = asyncio.ensure_future(self._reserve_block(_ID_BLOCK))
         return self._ids[start:start + count]
 
@@ -101,7 +104,7 @@ class Tasks:
         """What must happen before `create` can run in this turn: None when nothing (the
         usual case), else something to await (an account the CLI added a moment ago, a new
         block of task ids)."""
-        if self._ids_left() >= len(targets) and all(t in self.auth.accounts for t in targets):
+        if self._has_ids(len(targets)) and all(t in self.auth.accounts for t in targets):
             return None
         return self._prepare(list(targets))
 
@@ -135,7 +138,7 @@ class Tasks:
             pending[name] = pending.get(name, 0) + 1
             if self.dispatcher.queued(name) + pending[name] > self.s.queue_max:
                 raise ApiError(503, "Task queue is full")
-        if self._ids_left() < len(targets):  # callers run prepare() first
+        if not self._has_ids(len(targets)):  # callers run prepare() first
             raise ApiError(503, "No task ids reserved; try again")
         payload = {k: v for k, v in body.items() if k not in ("id", "type")}
         payload_json = codec.compact(payload)

@@ -208,11 +208,6 @@ class SqliteStore:
 
     # --- the rest of core.ports.Store ----------------------------------------------------------
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(connection, *args) on the reader thread."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._reader_pool, fn, self._reader, *args)
-
     async def reserve_task_ids(self, count: int) -> range:
         return await self._write(sql.reserve_task_ids, count)
 
@@ -267,6 +262,9 @@ class SqliteStore:
     async def session(self, digest: str) -> SessionRecord | None:
         await self.barrier()  # a session opened or ended just now by this process
         return await self.read(sql.session_get, digest)
+
+    def prune_sessions(self, last_used_before_ms: int, created_before_ms: int) -> None:
+        self._write_nowait(sql.sessions_prune, last_used_before_ms, created_before_ms)
 
     def add_ban(self, key: str, until_ms: int) -> None:
         self._write_nowait(sql.ban_add, key, until_ms)

@@ -121,6 +121,12 @@ def session_get(conn: sqlite3.Connection, digest: str) -> SessionRecord | None:
     return SessionRecord(*row) if row else None
 
 
+def sessions_prune(conn: sqlite3.Connection, last_used_before_ms: int,
+                   created_before_ms: int) -> None:
+    conn.execute("DELETE FROM sessions WHERE last_used_ms < ? OR created_ms < ?",
+                 (last_used_before_ms, created_before_ms))
+
+
 def ban_add(conn: sqlite3.Connection, key: str, until_ms: int) -> None:
     conn.execute("INSERT INTO bans VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                  "until_ms = max(until_ms, excluded.until_ms)", (key, until_ms))
