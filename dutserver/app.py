@@ -42,10 +42,12 @@ def create_app(settings: Settings) -> Starlette:
             (settings.sweep_interval_s, _async(services.sweep)),
             *store.periodic(),
         ]
+        if notifier.fleet:  # several nodes on one database (core/sharing.py)
+            jobs.append((settings.node_heartbeat_s, services.tasks.sharing.heartbeat))
         background = [asyncio.create_task(_every(interval, step)) for interval, step in jobs]
         # What start-up built lives as long as the process: out of the collector's full passes.
         gc.freeze()
-        log.info("dutserver ready: %s (%d accounts; hot path %s)", settings.db_path,
+        log.info("dutserver ready: %s (%d accounts; hot path %s)", settings.database,
                  len(services.auth.accounts), native.describe())
         try:
             yield {"services": services, "endpoints": endpoints}

@@ -17,11 +17,11 @@ from dutserver.core.clock import now_ms
 from dutserver.core.credentials import check_name, check_secret, hash_secret, load_key
 from dutserver.core.errors import ApiError
 from dutserver.core.ports import AccountExists, Store
-from dutserver.store import create_store
+from dutserver.store import create_store, is_url
 
 T = TypeVar("T")
 
-_SERVER_OPTIONS = [name for name in SETTING_FIELDS if name not in ("db_path", "port")]
+_SERVER_OPTIONS = [name for name in SETTING_FIELDS if name not in ("db_path", "db_url", "port")]
 
 
 def _setting_options(fn: Any) -> Any:
@@ -46,15 +46,16 @@ def main() -> None:
 
 @main.command()
 @click.argument("port", type=click.IntRange(0, 65535))
-@click.argument("dbfile", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("database", metavar="DB")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file with settings (flags and DUTSERVER_* variables win)")
 @_setting_options
-def server(port: int, dbfile: Path, config_file: Path | None, **flags: Any) -> None:
-    """Start the server on PORT with the database DBFILE (created if needed)."""
+def server(port: int, database: str, config_file: Path | None, **flags: Any) -> None:
+    """Start the server on PORT with the database DB: an SQLite file (created if needed) or
+    a postgresql://… URL (several servers may share one)."""
     from dutserver import server as server_module
     try:
-        settings = load_settings({**flags, "port": port, "db_path": dbfile}, config_file)
+        settings = load_settings({**flags, "port": port, **_database(database)}, config_file)
         load_key(settings.key_path)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
@@ -81,12 +82,13 @@ def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
             await store.close()
     try:
         return asyncio.run(run())
-    except (OSError, RuntimeError) as exc:
-        _fail(f"cannot use the database {settings.db_path}: {exc}")
+    except (OSError, RuntimeError) as exc:  # ConnectionError says which database, redacted
+        _fail(str(exc) if isinstance(exc, ConnectionError)
+              else f"cannot use the database {settings.db_path}: {exc}")
         raise
     except Exception as exc:
-        if type(exc).__module__.startswith(("sqlite3", "psycopg", "asyncpg")):
-            _fail(f"cannot use the database {settings.db_path}: {exc}")
+        if type(exc).__module__.startswith(("sqlite3", "asyncpg")):
+            _fail(f"cannot use the database {settings.database}: {type(exc).__name__}")
         raise
 
 
@@ -103,10 +105,15 @@ def _key(settings: Settings) -> bytes:
         raise
 
 
-def _settings(dbfile: Path) -> Settings:
-    """The same settings the server would use (DBFILE.key unless DUTSERVER_KEY_FILE says)."""
+def _database(database: str) -> dict[str, Any]:
+    """The settings a DB argument stands for: a PostgreSQL URL, or an SQLite file."""
+    return {"db_url": database} if is_url(database) else {"db_path": Path(database)}
+
+
+def _settings(database: str) -> Settings:
+    """The same settings the server would use (its key file too)."""
     try:
-        return load_settings({"db_path": dbfile})
+        return load_settings(_database(database))
     except (ValueError, OSError) as exc:
         _fail(str(exc))
         raise
@@ -129,10 +136,10 @@ def _read_password(kind: str) -> str:
 
 
 @main.command()
-@click.argument("dbfile", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("database", metavar="DB")
 @click.argument("name")
 @click.argument("kind", metavar="admin|agent")
-def addaccount(dbfile: Path, name: str, kind: str) -> None:
+def addaccount(database: str, name: str, kind: str) -> None:
     """Add an account; the password is read from standard input."""
     if kind not in ("admin", "agent"):
         _fail(f"bad account type {kind!r}: use admin or agent")
@@ -140,7 +147,7 @@ def addaccount(dbfile: Path, name: str, kind: str) -> None:
         check_name(name)
     except ApiError as exc:
         _fail(exc.msg)
-    settings = _settings(dbfile)
+    settings = _settings(database)
     _with_store(settings, _nothing)  # a clear error now, before the password is asked for
     password = _read_password(kind)
     digest = hash_secret(kind, password, _key(settings))
@@ -155,10 +162,14 @@ def addaccount(dbfile: Path, name: str, kind: str) -> None:
     click.echo(f"Added {kind} account {name}")
 
 
-def _change(dbfile: Path, name: str, action: str) -> None:
-    if not dbfile.exists():
-        _fail(f"no database at {dbfile}")
-    settings = _settings(dbfile)
+def _must_exist(database: str) -> None:
+    if not is_url(database) and not Path(database).exists():
+        _fail(f"no database at {database}")
+
+
+def _change(database: str, name: str, action: str) -> None:
+    _must_exist(database)
+    settings = _settings(database)
     account = _with_store(settings, lambda store: store.account(name))
     if account is None:
         _fail(f"unknown account: {name}")
@@ -177,11 +188,11 @@ def _change(dbfile: Path, name: str, action: str) -> None:
 
 
 @main.command()
-@click.argument("dbfile", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("database", metavar="DB")
 @click.argument("name")
-def remove(dbfile: Path, name: str) -> None:
+def remove(database: str, name: str) -> None:
     """Remove an account (its sessions end within a second, also in a running server)."""
-    _change(dbfile, name, "remove")
+    _change(database, name, "remove")
     click.echo(f"Removed account {name}")
 
 
@@ -189,21 +200,20 @@ main.add_command(remove, "delaccount")
 
 
 @main.command()
-@click.argument("dbfile", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("database", metavar="DB")
 @click.argument("name")
-def passwd(dbfile: Path, name: str) -> None:
+def passwd(database: str, name: str) -> None:
     """Set an account's password, read from standard input."""
-    _change(dbfile, name, "password")
+    _change(database, name, "password")
     click.echo(f"Changed the password of {name}")
 
 
 @main.command()
-@click.argument("dbfile", type=click.Path(dir_okay=False, path_type=Path))
-def accounts(dbfile: Path) -> None:
+@click.argument("database", metavar="DB")
+def accounts(database: str) -> None:
     """List the accounts: name and type."""
-    if not dbfile.exists():
-        _fail(f"no database at {dbfile}")
-    rows = _with_store(_settings(dbfile), lambda store: store.accounts())
+    _must_exist(database)
+    rows = _with_store(_settings(database), lambda store: store.accounts())
     width = max([4, *(len(r.name) for r in rows)])
     click.echo(f"{'NAME':<{width}}  TYPE")
     for row in rows:

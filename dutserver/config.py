@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,7 @@ class Settings:
     """Every timeout and limit of the server. Field docs become the `--help` texts."""
 
     db_path: Path = field(default=Path("dutserver.db"), metadata={"help": "SQLite database file"})
+    db_url: str = field(default="", metadata={"help": "PostgreSQL URL (instead of db_path)"})
     node_name: str = field(
         default="", metadata={"help": "this server's name among the nodes of one database, "
                                       "recorded with each task it delivers [default: local]"})
@@ -45,6 +47,11 @@ class Settings:
     accounts_refresh_s: float = field(
         default=0.25, metadata={"help": "how often CLI account changes are picked up"})
     sweep_interval_s: float = field(default=1.0, metadata={"help": "expiry sweep period"})
+    node_heartbeat_s: float = field(
+        default=1.0, metadata={"help": "several nodes: how often a node says it is alive"})
+    node_lease_s: float = field(
+        default=5.0, metadata={"help": "several nodes: a node silent this long is recovered by "
+                                       "the others (its deliveries fail)"})
     checkpoint_interval_s: float = field(
         default=1.0, metadata={"help": "how often the WAL is copied into the database file"})
     index_interval_s: float = field(
@@ -68,10 +75,26 @@ class Settings:
 
     @property
     def key_path(self) -> Path:
-        return self.key_file or self.db_path.with_name(self.db_path.name + ".key")
+        """DBFILE.key beside an SQLite file; with PostgreSQL, dutserver.key in the working
+        directory: every node of one database needs a copy of the same key."""
+        if self.key_file:
+            return self.key_file
+        if self.db_url:
+            return Path("dutserver.key")
+        return self.db_path.with_name(self.db_path.name + ".key")
+
+    @property
+    def database(self) -> str:
+        """The database for messages: the SQLite file, or the URL without its password."""
+        return redact_url(self.db_url) if self.db_url else str(self.db_path)
 
 
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for log lines and error messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -127,7 +150,7 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None,
 def _check(s: Settings) -> None:
     positive = ["poll_timeout_s", "submit_timeout_s", "submit_timeout_max_s", "task_expiry_s",
                 "session_idle_s", "session_max_s", "session_cache_s", "ban_s", "accounts_refresh_s",
-                "sweep_interval_s", "checkpoint_interval_s", "index_interval_s", "queue_max",
+                "sweep_interval_s", "node_heartbeat_s", "node_lease_s", "checkpoint_interval_s", "index_interval_s", "queue_max",
                 "body_max_bytes", "ban_failures", "ban_address_failures"]
     for name in positive:
         if getattr(s, name) <= 0:

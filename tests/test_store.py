@@ -2,7 +2,7 @@
 
 Each test takes `open_store`, which opens a store of the kind under test on one database (a
 second call opens a second process's view of the same database, as a second node would). SQLite
-now; PostgreSQL joins the parameter list with its store.
+and PostgreSQL (a throw-away database per test: tests/pg_support.py).
 """
 
 from __future__ import annotations
@@ -15,17 +15,21 @@ import pytest
 
 from dutserver.core.model import Task, TaskFilter, TaskState
 from dutserver.core.ports import AccountExists, Store
+from dutserver.store.postgres import PostgresStore
 from dutserver.store.sqlite import SqliteStore
+from pg_support import pg_server, pg_url  # noqa: F401  (fixtures)
 
 OpenStore = Callable[..., Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
     opened: list[Store] = []
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
 
     async def open_one(node: str = "local") -> Store:
-        store: Store = SqliteStore(tmp_path / "dut.db", node=node)
+        store: Store = (PostgresStore(url, node) if url
+                        else SqliteStore(tmp_path / "dut.db", node=node))
         await store.open()
         opened.append(store)
         return store
@@ -107,7 +111,10 @@ async def test_recovery_ends_only_this_nodes_deliveries(open_store: OpenStore) -
     await store.close()
     again = await open_store("a")  # node a restarts; node b still runs
     queued = await again.recover(5000)
-    assert [r.id for r in queued] == [3, 4]
+    # One process holds its queues (SQLite); a fleet's are the store's, fetched per agent.
+    assert [r.id for r in queued] == ([3, 4] if isinstance(again, SqliteStore) else [])
+    assert [r.id for r in await again.queued_tasks("pc1")] == [3, 4]
+    assert await again.queued_tasks("pc2") == []
     states = {n: (await again.task(n)).state for n in range(1, 6)}  # type: ignore[union-attr]
     assert states == {1: "failed", 2: "delivered", 3: "queued", 4: "queued", 5: "expired"}
 
@@ -145,6 +152,7 @@ async def test_sessions_are_shared_and_end(open_store: OpenStore) -> None:
     await other.barrier()
     assert (await store.session("d1")).last_used_ms == 5000  # type: ignore[union-attr]
     store.delete_session("d1")
+    await store.barrier()
     assert await other.session("d1") is None
 
 
@@ -161,12 +169,12 @@ async def test_ended_sessions_are_pruned(open_store: OpenStore) -> None:
 
 async def test_bans_are_shared_until_they_end(open_store: OpenStore) -> None:
     store, other = await open_store("a"), await open_store("b")
-    store.add_ban("pc1\x00127.0.0.9", 9000)
+    store.add_ban("pc1\x1f127.0.0.9", 9000)
     store.add_ban("127.0.0.8", 6000)
     store.add_ban("127.0.0.8", 5000)  # a shorter one does not shorten it
     await store.barrier()
-    assert await other.bans(5500) == {"pc1\x00127.0.0.9": 9000, "127.0.0.8": 6000}
-    assert await other.bans(7000) == {"pc1\x00127.0.0.9": 9000}
+    assert await other.bans(5500) == {"pc1\x1f127.0.0.9": 9000, "127.0.0.8": 6000}
+    assert await other.bans(7000) == {"pc1\x1f127.0.0.9": 9000}
 
 
 async def test_settings(open_store: OpenStore) -> None:

@@ -317,8 +317,9 @@ class Auth:
         rows = []
         for digest, sess in list(self.sessions.items()):
             if self._expired(sess, now):
+                # Only forgotten here: another node may have used it since this one last read
+                # it; prune_sessions deletes by the stored last use, which every node writes.
                 del self.sessions[digest]
-                self.store.delete_session(digest)
             elif sess.dirty:
                 sess.dirty = False
                 rows.append((sess.last_used_ms, digest))

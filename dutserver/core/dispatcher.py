@@ -114,6 +114,11 @@ class Dispatcher:
     def forget(self, task: Task) -> None:
         self.active.pop(task.id, None)
 
+    def has_poll(self, agent: str) -> bool:
+        """Whether a poll of agent is parked here."""
+        slot = self.slots.get(agent)
+        return slot is not None and len(slot.polls) > 0
+
     def park(self, agent: str, poll: Poll) -> None:
         self.slot(agent).polls.append(poll)
 

@@ -1,8 +1,9 @@
-"""The in-process Notifier (core/ports.py): one process, so a wake-up is a call on this loop.
+"""The in-process Notifier (core/ports.py): a wake-up is a call on this loop, one turn later
+(never inside the sender's own step, as one from another process never is).
 
-What one process sends, its own subscriber gets, one loop turn later (never inside the caller's
-own step, as a wake-up from another process never is). PostgreSQL's store replaces this with
-LISTEN/NOTIFY so that the other processes of a fleet get it too.
+A lone process (SQLite's default) sends nothing (fleet=False). The core tests connect several
+Tasks services through one LocalNotifier(fleet=True), each getting the others' wake-ups, as
+PostgreSQL's LISTEN/NOTIFY does between nodes.
 """
 
 from __future__ import annotations
@@ -12,17 +13,28 @@ from collections.abc import Callable
 
 
 class LocalNotifier:
-    """fleet: whether other Tasks services listen (the core tests run two on one store);
-    a lone process never needs to tell itself, and the core then sends nothing."""
+    """fleet: whether other processes listen. bus: the notifiers of the processes that hear
+    each other (tests: one list shared by several); a process never hears itself."""
 
-    def __init__(self, fleet: bool = False) -> None:
+    def __init__(self, fleet: bool = False, bus: list[LocalNotifier] | None = None) -> None:
         self.fleet = fleet
-        self._on_finished: list[Callable[[int], None]] = []
+        self._bus = bus if bus is not None else []
+        self._bus.append(self)
+        self._on_work: Callable[[str], None] | None = None
+        self._on_finished: Callable[[int], None] | None = None
 
-    def subscribe(self, on_finished: Callable[[int], None]) -> None:
-        self._on_finished.append(on_finished)
+    def subscribe(self, on_work: Callable[[str], None],
+                  on_finished: Callable[[int], None]) -> None:
+        self._on_work, self._on_finished = on_work, on_finished
+
+    def agent_has_work(self, agent: str) -> None:
+        loop = asyncio.get_running_loop()
+        for other in self._bus:
+            if other is not self and other._on_work is not None:
+                loop.call_soon(other._on_work, agent)
 
     def task_finished(self, task_id: int) -> None:
         loop = asyncio.get_running_loop()
-        for fn in self._on_finished:
-            loop.call_soon(fn, task_id)
+        for other in self._bus:
+            if other is not self and other._on_finished is not None:
+                loop.call_soon(other._on_finished, task_id)

@@ -48,9 +48,27 @@ class Store(Protocol):
         """count task ids no process was given before, nor ever will be."""
         ...
 
-    def save_task(self, task: Task) -> asyncio.Future[Any]:
+    def save_task(self, task: Task, expected: str | None = None) -> asyncio.Future[Any]:
         """Queues the task as it is now (insert first, then its changes); the future resolves
-        at the commit."""
+        at the commit. With `expected` (the state this process last knew), a store that
+        several processes share writes it only if the stored task is still in that state
+        (compare and set), and the future resolves False when it was not; a store of one
+        process may ignore it (its memory is the truth)."""
+        ...
+
+    async def queued_tasks(self, agent: str) -> list[TaskRecord]:
+        """The agent's queued tasks, oldest first (another process may have queued them)."""
+        ...
+
+    async def node_alive(self) -> tuple[list[str], list[int]]:
+        """Heartbeat of this node; recovers the nodes whose heartbeat stopped (their
+        deliveries fail, their queued tasks stay queued for the others). Returns the agents
+        with queued tasks that nobody may hold any more, and the tasks that recovery ended.
+        A store of one process has nothing to do here."""
+        ...
+
+    async def expire_queued(self, now_ms: int) -> list[int]:
+        """Ends queued tasks past their deadline that no process may be holding; their ids."""
         ...
 
     async def finish_task(self, task_id: int, expected_state: str, state: str,
@@ -61,7 +79,9 @@ class Store(Protocol):
 
     async def recover(self, now_ms: int) -> list[TaskRecord]:
         """Start-up of this node: the tasks it delivered without a result fail, queued tasks
-        past their deadline expire; returns the queued tasks (oldest first)."""
+        past their deadline expire; returns the queued tasks this node should hold, oldest
+        first (a store shared by several nodes returns none: each agent's first poll at a
+        node fetches its own, `queued_tasks`)."""
         ...
 
     async def task(self, task_id: int) -> TaskRecord | None: ...
@@ -137,16 +157,21 @@ class Store(Protocol):
 
 class Notifier(Protocol):
     """Wake-ups between the processes of a fleet: in-process for SQLite (one process),
-    PostgreSQL's LISTEN/NOTIFY when several share a database. Each process subscribes once.
-    (The shared queues of several nodes add "agent X has work" here, with their store.)"""
+    PostgreSQL's LISTEN/NOTIFY when several share a database. Each process subscribes once;
+    a process never gets its own wake-ups back."""
 
     fleet: bool  #: whether other processes listen; when not, the core sends nothing
+
+    def agent_has_work(self, agent: str) -> None:
+        """A task for agent was queued here (sent with the commit of its insert)."""
+        ...
 
     def task_finished(self, task_id: int) -> None:
         """This process ended a task that another one may hold (a submitter waits there)."""
         ...
 
-    def subscribe(self, on_finished: Callable[[int], None]) -> None: ...
+    def subscribe(self, on_work: Callable[[str], None],
+                  on_finished: Callable[[int], None]) -> None: ...
 
 
 class Timer(Protocol):

@@ -26,12 +26,14 @@ from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.errors import ApiError, unknown_agent
 from dutserver.core.model import FINAL_STATES, Task, TaskFilter, TaskState
 from dutserver.core.ports import Clock, Notifier, Store
+from dutserver.core.sharing import Sharing
 from dutserver.core.views import record_view, task_view
 from dutserver.core.waiting import TIMED_OUT, Hangup, ParkedPoll, Waiting
 
 log = logging.getLogger("dutserver.tasks")
 
 TIMEOUT_MSG = "Time out while waiting for task result"
+_QUEUED, _DELIVERED = TaskState.QUEUED.value, TaskState.DELIVERED.value
 _ID_BLOCK = 4096  # task ids reserved from the store at a time (a fleet's nodes share them)
 
 
@@ -48,7 +50,10 @@ class Tasks:
         self._id_at = 0
         self._spare = range(0)  # the next block, fetched before the one in use runs out
         self._reserving: asyncio.Future[None] | None = None
-        notifier.subscribe(self.on_task_finished)
+        # Several nodes on one store (core/sharing.py); a lone process needs none of it.
+        self.fleet = notifier.fleet
+        self.sharing = Sharing(self)
+        notifier.subscribe(self.sharing.on_agent_work, self.sharing.on_task_finished)
 
     @property
     def closing(self) -> bool:
@@ -59,7 +64,8 @@ class Tasks:
         """Start-up: what this node delivered without a result fails, queued tasks go back into
         their queues."""
         rows = await self.store.recover(self.clock.now_ms())
-        for row in rows:
+        # In a fleet the queues are the store's: an agent's first poll here fetches its tasks.
+        for row in rows if not self.fleet else ():
             self.dispatcher.enqueue(Task(
                 id=row.id, agent=row.agent, type=row.type, payload=json.loads(row.payload),
                 submitted_by=row.submitted_by, created_ms=row.created_ms,
@@ -154,8 +160,12 @@ class Tasks:
         ids = f"{tasks[0].id}" if len(tasks) == 1 else f"{tasks[0].id}-{tasks[-1].id}"
         store.audit(submitted_by, "task_submit",
                     f"{kind} to {','.join(targets)[:500]} (task {ids})", address)
+        dispatcher = self.dispatcher
+        if self.fleet:  # agents not polling here: the node where they poll is woken
+            for name in {t.agent for t in tasks if not dispatcher.has_poll(t.agent)}:
+                self.notifier.agent_has_work(name)
         for task in tasks:
-            self.dispatcher.enqueue(task)
+            dispatcher.enqueue(task)
         return tasks, inserted
 
     async def submit(self, targets: Sequence[str], body: Any, submitted_by: str,
@@ -164,7 +174,16 @@ class Tasks:
         if isinstance(targets, list):
             await self._prepare(targets)
         tasks, inserted = self.create(targets, body, submitted_by, expires_s, address)
-        await inserted
+        try:
+            await inserted
+        except Exception:
+            # Refused (a 500 or a 503, so the submitter may well try again): nothing of it may
+            # run. What was not handed out meanwhile is dropped, unsent.
+            for task in tasks:
+                if task.state is TaskState.QUEUED:
+                    self.dispatcher.withdraw(task)
+                    self.dispatcher.forget(task)
+            raise
         return tasks
 
     def submit_and_wait(self, targets: Sequence[str], body: Any, submitted_by: str,
@@ -188,8 +207,12 @@ class Tasks:
         """An agent's long-poll, with its bookkeeping (online status, last seen, address,
         version): answer(the oldest queued task) once its hand-off is committed, answer(None)
         after the poll timeout, at shutdown or when the agent hung up."""
+        # In a fleet, an agent that was not polling here may have tasks queued by other nodes.
+        fetch = self.fleet and not self.dispatcher.is_online(agent)
         slot = self.dispatcher.poll_started(agent, address, version)
         self.next_for(agent, gone, functools.partial(self._poll_answered, slot, gone, answer))
+        if fetch:
+            self.sharing.fetch(agent)
 
     def _poll_answered(self, slot: Any, gone: Hangup, answer: Callable[[Task | None], None],
                        task: Task | None) -> None:
@@ -221,12 +244,16 @@ class Tasks:
         task.state = TaskState.DELIVERED
         task.delivered_ms = self.clock.now_ms()
         task.delivered_by = self.store.node
-        self.store.save_task(task).add_done_callback(
+        self.store.save_task(task, _QUEUED if self.fleet else None).add_done_callback(
             functools.partial(self._handed_over, task, gone, answer))
 
     def _handed_over(self, task: Task, gone: Hangup, answer: Callable[[Task | None], None],
                      fut: asyncio.Future[Any]) -> None:
         failed = fut.exception()
+        if failed is None and fut.result() is False:  # another node took or ended it first
+            self.sharing.lost(task)
+            self.next_for(task.agent, gone, answer)  # this poll goes on
+            return
         if (failed is not None or gone.done()) and task.state is TaskState.DELIVERED:
             # Recorded (or not) but never sent: undo, so it is not lost.
             if failed is not None:
@@ -234,8 +261,9 @@ class Tasks:
             task.state = TaskState.QUEUED
             task.delivered_ms = None
             task.delivered_by = None
-            self.store.save_task(task)
-            self.dispatcher.requeue_front(task)
+            if task.id in self.dispatcher.active:  # not dropped meanwhile (a refused submit)
+                self.store.save_task(task, _DELIVERED if self.fleet else None)
+                self.dispatcher.requeue_front(task)
             answer(None)
             return
         answer(task)
@@ -255,9 +283,12 @@ class Tasks:
             result = {**result, "error": False}
         task = self.dispatcher.active.get(task_id)
         if task is None:  # not in this process's memory: maybe another one delivered it
-            return asyncio.ensure_future(self._record_elsewhere(agent, task_id, result))
+            return asyncio.ensure_future(self.sharing.record_elsewhere(agent, task_id, result))
         if task.agent != agent:
             raise ApiError(403, "This task was not sent to you")
+        if task.state is TaskState.QUEUED and self.fleet:
+            # Queued here, maybe delivered by another node meanwhile: the store decides.
+            return asyncio.ensure_future(self.sharing.record_for_copy(task, result))
         if task.state is not TaskState.DELIVERED:
             raise ApiError(409, "Task was not delivered")
         state = TaskState.FAILED if result.get("error") is True else TaskState.DONE
@@ -266,47 +297,8 @@ class Tasks:
         if state is TaskState.DONE and task.type == "inventory":
             self.store.agent_inventory(agent, codec.dumps(
                 {k: v for k, v in result.items() if k != "error"}))
-        return self.close(task, state, result)
-
-    async def _record_elsewhere(self, agent: str, task_id: int, result: dict[str, Any]) -> None:
-        """A result for a task this process does not hold: recorded if the store says it is
-        delivered to this agent (compare and set), and the process waiting for it is told."""
-        row = await self.store.task(task_id)
-        if row is None:
-            raise ApiError(404, f"Unknown task: {task_id}")
-        if row.agent != agent:
-            raise ApiError(403, "This task was not sent to you")
-        if row.state != TaskState.DELIVERED.value:
-            raise ApiError(409, "Result already recorded")
-        state = TaskState.FAILED if result.get("error") is True else TaskState.DONE
-        if not await self.store.finish_task(task_id, TaskState.DELIVERED.value, state.value,
-                                            codec.dumps(result), self.clock.now_ms()):
-            raise ApiError(409, "Result already recorded")
-        if state is TaskState.DONE and row.type == "inventory":
-            self.store.agent_inventory(agent, codec.dumps(
-                {k: v for k, v in result.items() if k != "error"}))
-        if self.notifier.fleet:
-            self.notifier.task_finished(task_id)
-
-    def on_task_finished(self, task_id: int) -> None:
-        """Another process ended a task: if this one holds it (a submitter waits here), the
-        stored outcome is taken over without writing it again."""
-        task = self.dispatcher.active.get(task_id)
-        if task is not None:
-            asyncio.ensure_future(self._take_over(task))
-
-    async def _take_over(self, task: Task) -> None:
-        row = await self.store.task(task.id)
-        if row is None or row.state not in {s.value for s in FINAL_STATES}:
-            return
-        if task.state is TaskState.QUEUED:
-            self.dispatcher.withdraw(task)
-        task.state = TaskState(row.state)
-        task.finished_ms = row.finished_ms
-        task.result = json.loads(row.result) if row.result else None
-        self.dispatcher.forget(task)
-        if task.waiter is not None:
-            task.waiter.settle(task, task.result if task.result is not None else TIMED_OUT)
+        closed = self.close(task, state, result)
+        return self.sharing.must_win(closed) if self.fleet else closed
 
     # --- admin actions -----------------------------------------------------------------------
 
@@ -327,7 +319,9 @@ class Tasks:
             return await self.view(task_id)
         if task.state is not TaskState.QUEUED:
             raise ApiError(409, f"Task {task_id} already left the queue ({task.state.value})")
-        await self.close(task, TaskState.CANCELLED, _cancelled(actor))
+        closed = self.close(task, TaskState.CANCELLED, _cancelled(actor))
+        if await closed is False:  # another node took it meanwhile
+            raise ApiError(409, f"Task {task_id} already left the queue (taken meanwhile)")
         self.store.audit(actor, "task_cancel", f"task {task_id}", address)
         return task_view(task)
 
@@ -385,8 +379,10 @@ class Tasks:
                 self.close(task, TaskState.CANCELLED, {"error": True, "msg": "agent removed"})
 
     def close(self, task: Task, state: TaskState, result: dict[str, Any]) -> asyncio.Future[Any]:
-        """Ends a task this process holds: out of its queue, into the store, its waiter told."""
-        if task.state is TaskState.QUEUED:
+        """Ends a task this process holds: out of its queue, into the store, its waiter told.
+        In a fleet only if nobody changed it first: the future then resolves False."""
+        before = task.state
+        if before is TaskState.QUEUED:
             self.dispatcher.withdraw(task)
         task.state = state
         task.finished_ms = self.clock.now_ms()
@@ -394,7 +390,11 @@ class Tasks:
         self.dispatcher.forget(task)
         if task.waiter is not None:
             task.waiter.settle(task, TIMED_OUT)
-        return self.store.save_task(task)
+        if not self.fleet:
+            return self.store.save_task(task)
+        saved = self.store.save_task(task, before.value)
+        self.sharing.watch_close(task, saved)
+        return saved
 
 
 def _cancelled(actor: str) -> dict[str, Any]:

@@ -14,8 +14,9 @@ from dutserver.core.ports import Clock, Store
 
 
 def ban_key(account: str | None, address: str) -> str:
-    """How a ban is named in the store: an address, or an account from an address."""
-    return address if account is None else f"{account}\x00{address}"
+    """How a ban is named in the store: an address, or an account from an address (no address
+    holds the separator, so no two pairs share a key)."""
+    return address if account is None else f"{account}\x1f{address}"
 
 
 class Throttle:

@@ -184,11 +184,12 @@ class SqliteStore:
         else:  # what changed again after the pass was queued stays for the next one
             self._restated = {n: c for n, c in self._restated.items() if c > upto}
 
-    def save_task(self, task: Task) -> asyncio.Future[Any]:
+    def save_task(self, task: Task, expected: str | None = None) -> asyncio.Future[Any]:
         """Writes the task as it is now; the future resolves at the commit. Its first save is an
         insert, and so is a later one while that insert is still pending; after that, an update
         of the fields that change (cheaper than an upsert of every field: a third of SQLite's
-        work per round trip)."""
+        work per round trip). `expected` is not checked: one process owns the file, and its
+        memory is the truth."""
         row = (task.id, task.agent, task.type, task.payload_json, task.state._value_,
                task.submitted_by, task.created_ms, task.expires_ms, task.delivered_ms or 0,
                task.finished_ms or 0, "" if task.result is None else codec.dumps(task.result),
@@ -219,6 +220,16 @@ class SqliteStore:
             self._changes += 1
             self._restated[task_id] = self._changes
         return done
+
+    async def queued_tasks(self, agent: str) -> list[TaskRecord]:
+        newest_first = await self.tasks(TaskFilter(agent=agent, state="queued", limit=1 << 30))
+        return newest_first[::-1]
+
+    async def node_alive(self) -> tuple[list[str], list[int]]:
+        return [], []  # one process owns the file: no other node to recover
+
+    async def expire_queued(self, now_ms: int) -> list[int]:
+        return []  # the one process holds every queued task, and its sweep expires them
 
     async def recover(self, now_ms: int) -> list[TaskRecord]:
         await self.barrier()
