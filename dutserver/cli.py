@@ -13,7 +13,8 @@ import click
 
 from dutserver import __version__
 from dutserver.config import SETTING_FIELDS, Settings, load_settings
-from dutserver.core.clock import now_ms
+from dutserver.core.auth import Auth
+from dutserver.core.clock import SystemClock, now_ms
 from dutserver.core.credentials import check_name, check_secret, hash_secret, load_key
 from dutserver.core.errors import ApiError
 from dutserver.core.ports import AccountExists, Store
@@ -59,7 +60,11 @@ def server(port: int, database: str, config_file: Path | None, **flags: Any) -> 
         load_key(settings.key_path)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    _with_store(settings, _nothing)  # fail here, with one clear line, if the store is unusable
+    # Fail here, with one clear line, if the store is unusable or the key is not its key.
+    try:
+        _with_store(settings, lambda store: Auth(settings, store, SystemClock()).check_key())
+    except ValueError as exc:
+        _fail(str(exc))
     server_module.run(settings)
 
 

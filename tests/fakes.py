@@ -380,13 +380,14 @@ class FakeStore:
             rec = self.db.agents[name] = AgentRecord(name, None, None, None, None)
         return rec
 
-    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None]]) -> None:
+    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None, int]]) -> None:
         seen = list(rows)
 
         def apply() -> None:
-            for name, last_seen_ms, address, version in seen:
+            for name, last_seen_ms, address, version, online_until_ms in seen:
                 rec = self._agent(name)
                 rec.last_seen_ms, rec.address = last_seen_ms, address
+                rec.online_until_ms = online_until_ms
                 rec.version = version if version is not None else rec.version
         self._nowait(apply)
 

@@ -46,11 +46,13 @@ def wait_until(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.01)
         time.sleep(interval_s)
 
 
-def cli(*args: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m dutserver ARGS…` as a subprocess."""
+def cli(*args: str, stdin: str = "", check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m dutserver ARGS…` as a subprocess (env: variables added)."""
     proc = subprocess.run(
         [PYTHON, "-m", "dutserver", *args],
         input=stdin, capture_output=True, text=True, timeout=30, cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"dutserver {args} failed ({proc.returncode}): {proc.stderr}")
@@ -124,7 +126,7 @@ class RunningServer:
     For an https server, ssl_context is what the helpers (readiness, login, the agent tests'
     Admin) verify it with; without one they accept any certificate."""
 
-    db: Path
+    db: Path | str  # an SQLite file, or a PostgreSQL URL (then say where the log goes)
     args: list[str] = field(default_factory=list)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -144,7 +146,9 @@ class RunningServer:
 
     def start(self, port: int | None = None) -> RunningServer:
         self.port = port or self.port or free_port()
-        self.log = self.db.with_suffix(".log")
+        if self.log is None:
+            assert isinstance(self.db, Path), "a server on PostgreSQL needs its log's path"
+            self.log = self.db.with_suffix(".log")
         logf = open(self.log, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(

@@ -190,13 +190,14 @@ async def test_agents_status_and_inventory(open_store: OpenStore) -> None:
     await store.add_account("pc1", "agent", "h", 1)
     await store.add_account("pc2", "agent", "h", 1)
     await store.add_account("admin", "admin", "h", 1)
-    store.agents_seen([("pc1", 5000, "10.0.0.1", "1.2")])
+    store.agents_seen([("pc1", 5000, "10.0.0.1", "1.2", 9000)])
     store.agent_inventory("pc1", '{"os": "Linux"}')
-    store.agents_seen([("pc1", 6000, "10.0.0.2", None)])  # no version said: the last one stays
+    store.agents_seen([("pc1", 6000, "10.0.0.2", None, 7000)])  # no version said: it stays
     await store.barrier()
     rows = await store.agents(True)
-    assert [(r.name, r.last_seen_ms, r.address, r.version, r.inventory) for r in rows] == [
-        ("pc1", 6000, "10.0.0.2", "1.2", '{"os": "Linux"}'), ("pc2", None, None, None, None)]
+    assert [(r.name, r.last_seen_ms, r.address, r.version, r.inventory, r.online_until_ms)
+            for r in rows] == [("pc1", 6000, "10.0.0.2", "1.2", '{"os": "Linux"}', 7000),
+                               ("pc2", None, None, None, None, None)]
     assert (await store.agents(False, "pc1"))[0].inventory is None
     assert await store.agents(True, "admin") == []
 

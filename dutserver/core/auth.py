@@ -29,6 +29,7 @@ log = logging.getLogger("dutserver.auth")
 _DIGESTS_KEPT = 1024
 _DIGEST_HEADER_MAX = 80  # "Bearer " and 64 hex digits, with a little room
 _PRUNE_EVERY_S = 60.0
+_KEY_CHECK = "key_check"
 
 
 @dataclass(slots=True)
@@ -63,6 +64,17 @@ class Auth:
         self.throttle = Throttle(settings, store, clock)
         self._rev = -1
         self._next_prune = 0.0
+
+    async def check_key(self) -> None:
+        """Start-up: the agent-digest key must be the one this database's digests were made
+        with (every node of a fleet needs a copy of the same key file). Raises ValueError."""
+        check = hmac.new(self.key, b"dutserver key check", hashlib.sha256).hexdigest()[:32]
+        stored = await self.store.setting(_KEY_CHECK)
+        if stored is None:
+            await self.store.set_setting(_KEY_CHECK, check)
+        elif not hmac.compare_digest(stored, check):
+            raise ValueError(f"the key file {self.s.key_path} is not the key of this database: "
+                             "give every node a copy of the same key file (--key-file)")
 
     async def refresh(self) -> bool:
         """Re-reads the accounts when their revision changed (every change bumps it), and the

@@ -40,6 +40,7 @@ class AgentSlot:
         "address",
         "last_poll_end",
         "last_seen_ms",
+        "online_until_ms",
         "polls",
         "queue",
         "seen_dirty",
@@ -52,6 +53,7 @@ class AgentSlot:
         self.active_polls = 0
         self.last_poll_end = float("-inf")
         self.last_seen_ms: int | None = None
+        self.online_until_ms = 0  # what the other nodes are told (the store's agents rows)
         self.address: str | None = None
         self.version: str | None = None
         self.seen_dirty = False
@@ -130,23 +132,31 @@ class Dispatcher:
             except ValueError:
                 pass
 
-    def poll_started(self, agent: str, address: str | None, version: str | None) -> AgentSlot:
+    def poll_started(self, agent: str, address: str | None, version: str | None,
+                     online_for_ms: int) -> AgentSlot:
+        """A poll began: online for as long as it may last (online_for_ms)."""
         slot = self.slot(agent)
         slot.active_polls += 1
-        self.seen(slot, address, version)
+        slot.online_until_ms = self.seen(slot, address, version) + online_for_ms
         return slot
 
     def poll_ended(self, slot: AgentSlot, dropped: bool) -> None:
         slot.active_polls -= 1
         if not dropped:  # a poll whose agent hung up does not keep it online
             slot.last_poll_end = self.clock.monotonic()
+        if slot.active_polls == 0:
+            slot.online_until_ms = self.clock.now_ms() + (
+                0 if dropped else int(self.online_grace_s * 1000))
+            slot.seen_dirty = True
 
-    def seen(self, slot: AgentSlot, address: str | None, version: str | None) -> None:
-        slot.last_seen_ms = self.clock.now_ms()
+    def seen(self, slot: AgentSlot, address: str | None, version: str | None) -> int:
+        """The agent was seen now (returned, wall time in ms) at address, saying version."""
+        now = slot.last_seen_ms = self.clock.now_ms()
         slot.address = address
         if version is not None:
             slot.version = version
         slot.seen_dirty = True
+        return now
 
     def is_online(self, agent: str) -> bool:
         slot = self.slots.get(agent)

@@ -11,7 +11,7 @@ from dutserver.core.auth import Auth
 from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.errors import unknown_agent
 from dutserver.core.model import AgentRecord
-from dutserver.core.ports import Store
+from dutserver.core.ports import Clock, Store
 from dutserver.core.views import iso
 
 
@@ -22,16 +22,25 @@ def version_in_user_agent(user_agent: str) -> str | None:
 
 
 class Fleet:
-    def __init__(self, store: Store, dispatcher: Dispatcher, auth: Auth) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, auth: Auth, clock: Clock,
+                 fleet: bool) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.auth = auth
+        self.clock = clock
+        self.fleet = fleet  # several nodes: who is online elsewhere comes from the store
 
-    def online(self) -> dict[str, bool]:
-        """Every agent's name and whether it is online (the classic /agents)."""
+    async def online(self) -> dict[str, bool]:
+        """Every agent's name and whether it is online (the classic /agents): polling here, or
+        (several nodes) on another node, as that node last wrote."""
         is_online = self.dispatcher.is_online
-        return {n: is_online(n) for n in
-                sorted(n for n, a in self.auth.accounts.items() if a.kind == "agent")}
+        names = sorted(n for n, a in self.auth.accounts.items() if a.kind == "agent")
+        if not self.fleet:
+            return {n: is_online(n) for n in names}
+        now = self.clock.now_ms()
+        elsewhere = {r.name for r in await self.store.agents(False)
+                     if r.online_until_ms is not None and r.online_until_ms > now}
+        return {n: is_online(n) or n in elsewhere for n in names}
 
     async def statuses(self, with_inventory: bool) -> list[dict[str, Any]]:
         if with_inventory:
@@ -57,6 +66,8 @@ class Fleet:
         if slot is not None and slot.last_seen_ms is not None:  # memory is newer than the store
             last_seen_ms, address = slot.last_seen_ms, slot.address
             version = slot.version or version
-        return {"name": record.name, "online": self.dispatcher.is_online(record.name),
+        online = self.dispatcher.is_online(record.name) or (
+            self.fleet and (record.online_until_ms or 0) > self.clock.now_ms())
+        return {"name": record.name, "online": online,
                 "last_seen": iso(last_seen_ms), "address": address, "agent_version": version,
                 "inventory": json.loads(record.inventory) if record.inventory else None}

@@ -97,6 +97,7 @@ class AgentRecord:
     address: str | None
     version: str | None
     inventory: str | None  # JSON, when asked for
+    online_until_ms: int | None = None  # online on some node until then (as last written)
 
 
 @dataclass(slots=True)

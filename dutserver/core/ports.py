@@ -138,8 +138,9 @@ class Store(Protocol):
 
     # --- agents' status, audit ---------------------------------------------------------------
 
-    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None]]) -> None:
-        """(name, last_seen_ms, address, version) of agents seen since the last call."""
+    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None, int]]) -> None:
+        """(name, last_seen_ms, address, version, online_until_ms) of agents seen since the
+        last call: every node's view of who is online, written within a sweep."""
         ...
 
     def agent_inventory(self, name: str, inventory_json: str) -> None: ...

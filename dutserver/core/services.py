@@ -30,7 +30,8 @@ class Services:
         return self.tasks.closing
 
     async def start(self) -> None:
-        """Start-up: the accounts and bans, then this node's recovery."""
+        """Start-up: the key, the accounts and bans, then this node's recovery."""
+        await self.auth.check_key()
         await self.auth.refresh()
         await self.tasks.recover()
 
@@ -58,5 +59,5 @@ def build_services(settings: Settings, store: Store, notifier: Notifier,
     auth = Auth(settings, store, clock)
     dispatcher = Dispatcher(settings.online_grace_s, clock)
     tasks = Tasks(settings, store, notifier, clock, dispatcher, auth)
-    return Services(settings, auth, tasks, Fleet(store, dispatcher, auth),
+    return Services(settings, auth, tasks, Fleet(store, dispatcher, auth, clock, notifier.fleet),
                     Accounts(store, clock, auth, tasks))

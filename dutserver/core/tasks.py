@@ -52,6 +52,10 @@ class Tasks:
         self._reserving: asyncio.Future[None] | None = None
         # Several nodes on one store (core/sharing.py); a lone process needs none of it.
         self.fleet = notifier.fleet
+        # How long a poll keeps its agent online in the other nodes' eyes: as long as it may
+        # last, the grace after it, and the sweep that writes it.
+        self._online_for_ms = int((settings.poll_timeout_s + settings.online_grace_s
+                                   + settings.sweep_interval_s) * 1000)
         self.sharing = Sharing(self)
         notifier.subscribe(self.sharing.on_agent_work, self.sharing.on_task_finished)
 
@@ -209,7 +213,7 @@ class Tasks:
         after the poll timeout, at shutdown or when the agent hung up."""
         # In a fleet, an agent that was not polling here may have tasks queued by other nodes.
         fetch = self.fleet and not self.dispatcher.is_online(agent)
-        slot = self.dispatcher.poll_started(agent, address, version)
+        slot = self.dispatcher.poll_started(agent, address, version, self._online_for_ms)
         self.next_for(agent, gone, functools.partial(self._poll_answered, slot, gone, answer))
         if fetch:
             self.sharing.fetch(agent)
@@ -368,7 +372,8 @@ class Tasks:
         for name, slot in self.dispatcher.slots.items():
             if slot.seen_dirty and slot.last_seen_ms is not None:
                 slot.seen_dirty = False
-                seen.append((name, slot.last_seen_ms, slot.address, slot.version))
+                seen.append((name, slot.last_seen_ms, slot.address, slot.version,
+                             slot.online_until_ms))
         if seen:
             self.store.agents_seen(seen)
 

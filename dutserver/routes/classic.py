@@ -67,7 +67,7 @@ async def logout(req: Request) -> Reply:
 async def list_agents(req: Request) -> Reply:
     """Agent names and their online status."""
     await require_session(req)
-    online = req.services.fleet.online()
+    online = await req.services.fleet.online()
     return ok({"agents": list(online), "online": online})
 
 

@@ -33,8 +33,14 @@ from dutserver.store.postgres_schema import migrate
 
 log = logging.getLogger("dutserver.store")
 CHANNEL = "dutserver"
-_LOST = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-         asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncio.TimeoutError)
+_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+         asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError, asyncio.TimeoutError)
+
+
+def _is_lost(exc: BaseException) -> bool:
+    """Whether exc says the database went away (not that a statement was wrong)."""
+    return isinstance(exc, _LOST) or (
+        isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
 _TASK_COLUMNS = ("id, agent, type, payload, state, submitted_by, created_ms, expires_ms, "
                  "delivered_ms, finished_ms, result, delivered_by")
 _NO_RESULT = json.dumps({"error": True, "msg": "no result"})
@@ -138,14 +144,13 @@ class PostgresStore:
         try:
             try:
                 won, values = await self._run(batch)
-            except _LOST as exc:
-                await self._reconnect()
-                failure: BaseException = unavailable(exc)
-                self._fail(batch, failure)
-                return
             except Exception as exc:
-                log.error("a write batch failed: %s", exc)
-                self._fail(batch, exc)
+                if _is_lost(exc):
+                    await self._reconnect()
+                    self._fail(batch, unavailable(exc))
+                else:
+                    log.error("a write batch failed: %s", exc)
+                    self._fail(batch, exc)
                 return
             self.commits += 1
             self._unlanded.difference_update(batch.inserts)
@@ -367,7 +372,7 @@ class PostgresStore:
 
     # --- agents' status, audit ---------------------------------------------------------------
 
-    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None]]) -> None:
+    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None, int]]) -> None:
         self._write_nowait(_executemany, _AGENTS_SEEN, list(rows))
 
     def agent_inventory(self, name: str, inventory_json: str) -> None:
@@ -377,7 +382,8 @@ class PostgresStore:
 
     async def agents(self, with_inventory: bool, name: str | None = None) -> list[AgentRecord]:
         inventory = "s.inventory" if with_inventory else "NULL"
-        sql = (f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory} "
+        sql = (f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory}, "
+               "s.online_until_ms "
                "FROM accounts a LEFT JOIN agents s ON s.name = a.name WHERE a.type = 'agent'")
         rows = (await self._fetch(sql + " AND a.name = $1", name) if name is not None
                 else await self._fetch(sql + " ORDER BY a.name"))
@@ -400,20 +406,20 @@ class PostgresStore:
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         try:
             return list(await self._pool.fetch(sql, *args))
-        except _LOST as exc:
-            raise unavailable(exc) from None
+        except Exception as exc:
+            raise unavailable(exc) if _is_lost(exc) else exc from None
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
         try:
             return await self._pool.fetchrow(sql, *args)
-        except _LOST as exc:
-            raise unavailable(exc) from None
+        except Exception as exc:
+            raise unavailable(exc) if _is_lost(exc) else exc from None
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self._pool.fetchval(sql, *args)
-        except _LOST as exc:
-            raise unavailable(exc) from None
+        except Exception as exc:
+            raise unavailable(exc) if _is_lost(exc) else exc from None
 
 
 def _text(text: str | None) -> str | None:
@@ -456,9 +462,10 @@ _UPDATE_IF = (
 _AUDIT = ("INSERT INTO audit (at_ms, actor, action, detail, address) SELECT * FROM "
           "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])")
 _AGENTS_SEEN = (
-    "INSERT INTO agents (name, last_seen_ms, address, agent_version) VALUES ($1, $2, $3, $4) "
-    "ON CONFLICT (name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, "
-    "address = excluded.address, "
+    "INSERT INTO agents (name, last_seen_ms, address, agent_version, online_until_ms) "
+    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET "
+    "last_seen_ms = greatest(agents.last_seen_ms, excluded.last_seen_ms), "
+    "address = excluded.address, online_until_ms = excluded.online_until_ms, "
     "agent_version = coalesce(excluded.agent_version, agents.agent_version)")
 
 

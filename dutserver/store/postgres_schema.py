@@ -46,7 +46,8 @@ MIGRATIONS: list[str] = [
         last_seen_ms BIGINT,
         address TEXT,
         agent_version TEXT,
-        inventory TEXT
+        inventory TEXT,
+        online_until_ms BIGINT
     );
     CREATE TABLE audit (
         id BIGSERIAL PRIMARY KEY,

@@ -289,7 +289,7 @@ class SqliteStore:
     async def set_setting(self, key: str, value: str) -> None:
         await self._write(sql.setting_set, key, value)
 
-    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None]]) -> None:
+    def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None, int]]) -> None:
         self._write_nowait(sql.agents_seen, list(rows))
 
     def agent_inventory(self, name: str, inventory_json: str) -> None:

@@ -120,6 +120,10 @@ MIGRATIONS: list[str] = [
                                     (SELECT coalesce(max(id), 0) FROM tasks))
         WHERE key = 'tasks_seq';
     """,
+    # Who is online, as every node last wrote it (several nodes read each other's).
+    """
+    ALTER TABLE agents ADD COLUMN online_until_ms INTEGER;
+    """,
 ]
 
 

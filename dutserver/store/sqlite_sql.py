@@ -143,11 +143,12 @@ def bans_prune(conn: sqlite3.Connection, now_ms: int) -> None:
 # --- agents' status, audit -------------------------------------------------------------------
 
 def agents_seen(conn: sqlite3.Connection,
-                rows: Sequence[tuple[str, int, str | None, str | None]]) -> None:
+                rows: Sequence[tuple[str, int, str | None, str | None, int]]) -> None:
     conn.executemany(
-        "INSERT INTO agents (name, last_seen_ms, address, agent_version) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, "
-        "address = excluded.address, "
+        "INSERT INTO agents (name, last_seen_ms, address, agent_version, online_until_ms) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+        "last_seen_ms = excluded.last_seen_ms, address = excluded.address, "
+        "online_until_ms = excluded.online_until_ms, "
         "agent_version = coalesce(excluded.agent_version, agents.agent_version)", rows)
 
 
@@ -159,7 +160,8 @@ def agent_inventory(conn: sqlite3.Connection, name: str, inventory_json: str) ->
 def agents(conn: sqlite3.Connection, with_inventory: bool,
            name: str | None = None) -> list[AgentRecord]:
     inventory = "s.inventory" if with_inventory else "NULL"
-    sql = f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory} "
+    sql = f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory}, "
+    sql += "s.online_until_ms "
     sql += "FROM accounts a LEFT JOIN agents s ON s.name = a.name WHERE a.type = 'agent'"
     rows = (conn.execute(sql + " AND a.name = ?", (name,)) if name is not None
             else conn.execute(sql + " ORDER BY a.name"))
