@@ -123,6 +123,7 @@ class Tables:
     agents: dict[str, AgentRecord] = field(default_factory=dict)
     audit: list[AuditRecord] = field(default_factory=list)
     dead: set[str] = field(default_factory=set)  # nodes whose heartbeat stopped (tests say so)
+    down: bool = False  # the database does not answer (ping)
 
 
 def task_record(task: Task) -> TaskRecord:
@@ -178,6 +179,9 @@ class FakeStore:
     def _nowait(self, apply: Callable[[], object]) -> None:
         fut = self._queue(apply)
         fut.add_done_callback(_ignore_failure)
+
+    async def ping(self) -> bool:
+        return not self.db.down
 
     async def barrier(self) -> None:
         """Waits for the pending batch's commit (failed or not)."""

@@ -1,117 +1,145 @@
-"""The compiled hot path (dutserver/native.py): used when it was built from the sources as they
-are, never otherwise, and the server says which it runs."""
+"""The compiled hot path (dutserver/native.py, hatch_build.py): the wheel compiles it when it
+can and is pure Python otherwise, `make test` runs the compiled build of the sources as they
+are, and the server says which it runs."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
+import importlib.util
 import os
 import subprocess
-import sys
+import zipfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from support import PYTHON, ROOT, free_port, http, stop_process, wait_until
 
+import dutserver
 from dutserver import native
+
+PACKAGE = Path(dutserver.__file__).resolve().parent
+FROM_SOURCES = PACKAGE == ROOT / "dutserver"
+EXTENSION = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _hook() -> ModuleType:
+    """hatch_build.py, loaded from its file (it is no module of the package)."""
+    pytest.importorskip("hatchling", reason="hatchling (the `native` extra) is not installed")
+    spec = importlib.util.spec_from_file_location("hatch_build", ROOT / "hatch_build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compiled_build() -> None:
+    if os.environ.get("DUTSERVER_NATIVE") == "0":
+        pytest.skip("DUTSERVER_NATIVE=0: this run is of the sources, interpreted")
+    if FROM_SOURCES:
+        pytest.skip("this run imports the sources, which run interpreted: `make test` runs "
+                    "the suite on their compiled build (build/native)")
 
 
 def test_the_suite_runs_the_compiled_hot_path() -> None:
-    """`make test` compiles first: a build that silently fell back would leave the compiled
-    code, which is what `make run` serves, untested."""
-    if os.environ.get("DUTSERVER_NATIVE") == "0":
-        pytest.skip("DUTSERVER_NATIVE=0: this run is of the interpreted hot path")
-    if not native.is_fresh():
-        pytest.fail("no build of the current sources: run `make native` (or `make test`)")
-    import dutserver.direct
-    import dutserver.protocol
-    import dutserver.routes.classic
-    import dutserver.tasks
-    for module in (dutserver.direct, dutserver.protocol, dutserver.tasks,
-                   dutserver.routes.classic):
-        assert module.__file__ is not None and module.__file__.endswith(".so"), module
-    assert native.active()
-
-
-def _fake_build(root: Path, digest: str, missing: str | None = None) -> Path:
-    """A build's layout with empty files where the extensions go (use() only looks)."""
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    (root / "dutserver" / "routes").mkdir(parents=True)
-    (root / "lib").mkdir()
-    (root / "lib" / f"{native.GROUP}__mypyc{suffix}").touch()
+    """`make test` builds first: a build that fell back to pure Python would leave the compiled
+    code, which is what `make run` and a `pip install .` serve, untested."""
+    _compiled_build()
+    note = PACKAGE / "_native.txt"
+    assert not note.exists(), f"{PACKAGE} is a pure-Python build: {note.read_text().strip()}"
     for name in native.COMPILED:
-        if name != missing:
-            (root / "dutserver" / name.replace(".py", suffix)).touch()
-    (root / "SOURCES").write_text(digest + "\n")
-    return root
+        module = importlib.import_module("dutserver." + name[:-3].replace("/", "."))
+        assert (module.__file__ or "").endswith(EXTENSION), module
+    assert native.active() and native.describe() == "compiled"
 
 
-def test_a_build_of_other_sources_is_not_used(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Edited since the build (or built by another Python): the sources run, not stale C."""
-    monkeypatch.setattr(native, "NATIVE_DIR", _fake_build(tmp_path, "0" * 64))
-    monkeypatch.setattr(native, "_active", False)
-    path = ["/the/sources"]
-    assert not native.use(path)
-    assert path == ["/the/sources"] and not native.active()
+def test_the_build_is_of_the_sources_as_they_are() -> None:
+    """Never a stale build: the build carries every source it was made from (the compiled
+    ones beside their extension modules); make rebuilds it when one was edited, added or
+    removed."""
+    _compiled_build()
+    sources = {p.relative_to(ROOT / "dutserver") for p in (ROOT / "dutserver").rglob("*.py")}
+    built = {p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py") if "_cli" not in p.parts}
+    assert built == sources, "build/native is not of these sources: run `make native`"
+    stale = [str(p) for p in sources
+             if (PACKAGE / p).read_bytes() != (ROOT / "dutserver" / p).read_bytes()]
+    assert not stale, f"edited since the build: {stale} (run `make native`)"
 
 
-def test_a_build_missing_a_module_is_not_used(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Half a build (a copy interrupted, a file deleted): compiled code refuses the objects of
-    an interpreted module of its group, so it is all or nothing."""
-    build = _fake_build(tmp_path, native.sources_digest(), missing="routes/common.py")
-    monkeypatch.setattr(native, "NATIVE_DIR", build)
-    monkeypatch.setattr(native, "_active", False)
-    monkeypatch.delenv("DUTSERVER_NATIVE", raising=False)
-    path = ["/the/sources"]
-    assert not native.use(path) and path == ["/the/sources"]
+def test_the_hook_compiles_what_native_lists() -> None:
+    """COMPILED is the one list: the hook reads it from native.py's text, without importing."""
+    hook = _hook()
+    assert hook.compiled_modules(ROOT) == native.COMPILED
+    assert all((ROOT / "dutserver" / name).is_file() for name in native.COMPILED)
 
 
-def test_a_fresh_build_comes_before_the_sources(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    build = _fake_build(tmp_path, native.sources_digest())
-    monkeypatch.setattr(native, "NATIVE_DIR", build)
-    monkeypatch.setattr(native, "_active", False)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delenv("DUTSERVER_NATIVE", raising=False)
-    path, routes = ["/the/sources"], ["/the/sources/routes"]
-    assert native.use(path)
-    native.use_in_subpackage(routes, "routes")
-    assert path == [str(build / "dutserver"), "/the/sources"]
-    assert routes == [str(build / "dutserver" / "routes"), "/the/sources/routes"]
-    assert sys.path[0] == str(build / "lib")  # where the group's shared library is
-
-    monkeypatch.setattr(native, "_active", False)
-    monkeypatch.setenv("DUTSERVER_NATIVE", "0")  # switched off: the sources
-    assert not native.use(path := ["/the/sources"]) and path == ["/the/sources"]
+def test_the_hook_sees_a_missing_compiler_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = _hook()
+    monkeypatch.setenv("CC", "/nonexistent/cc -O2")
+    assert "no C compiler" in (hook.missing_toolchain() or "")
 
 
-def test_the_digest_follows_every_compiled_source() -> None:
-    assert all((native.PACKAGE / name).is_file() for name in native.COMPILED)
-    assert len(native.sources_digest()) == 64
-
-
-@pytest.mark.parametrize("switch,says", [("0", "hot path interpreted"),
-                                         ("1", "hot path compiled")])
-def test_the_server_says_which_hot_path_it_runs(tmp_path: Path, switch: str, says: str) -> None:
-    if switch == "1" and not native.is_fresh():
-        pytest.skip("no build of the current sources (make native)")
+def _serve(tmp_path: Path, env: dict[str, str]) -> str:
+    """Starts `python -m dutserver server` with env, from the checkout; its output once ready."""
     port = free_port()
     log = tmp_path / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
             [PYTHON, "-m", "dutserver", "server", str(port), str(tmp_path / "dut.db")],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "DUTSERVER_NATIVE": switch})
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_until(lambda: _alive(port), timeout_s=20)
-        assert says in log.read_text()
+        wait_until(lambda: _alive(port, proc), timeout_s=20)
+        return log.read_text()
     finally:
         stop_process(proc, 15, 20, "server did not stop")
 
 
-def _alive(port: int) -> bool:
+def _alive(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    assert proc.poll() is None, f"server exited ({proc.returncode})"
     try:
         return http("GET", f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+def _without_build(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+
+
+@pytest.mark.parametrize("run", ["as this suite", "the sources"])
+def test_the_server_says_which_hot_path_it_runs(tmp_path: Path, run: str) -> None:
+    if run == "the sources":
+        output = _serve(tmp_path, _without_build(dict(os.environ)))
+        assert "hot path interpreted: the sources of a checkout" in output
+    else:
+        output = _serve(tmp_path, dict(os.environ))
+        assert f"hot path {native.describe()})" in output
+
+
+@pytest.mark.timeout(240)
+def test_without_a_compiler_the_wheel_is_pure_python_and_works(tmp_path: Path) -> None:
+    """A C compiler that fails (mypyc has type-checked and written the C by then): the build
+    says why on stderr and makes a pure-Python wheel, which serves, and says so at start-up.
+    The one wheel build of the suite (about 20 s: mypyc's type check runs first)."""
+    _hook()  # the build backend, installed in this environment (no download)
+    env = {**_without_build(dict(os.environ)), "CC": "/bin/false"}
+    env.pop("DUTSERVER_NATIVE", None)
+    env.pop("DUTSERVER_NATIVE_WORK", None)
+    done = subprocess.run(
+        [PYTHON, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "dist"), str(ROOT)],
+        capture_output=True, text=True, env=env, timeout=220)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "hot path NOT compiled, pure-Python wheel" in done.stdout + done.stderr
+    (wheel,) = (tmp_path / "dist").glob("dutserver-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        assert not [n for n in names if n.endswith(EXTENSION)]
+        assert "failed" in z.read("dutserver/_native.txt").decode()
+        z.extractall(tmp_path / "site")
+    output = _serve(tmp_path, {**env, "PYTHONPATH": str(tmp_path / "site"),
+                               "PYTHONSAFEPATH": "1"})
+    assert "hot path interpreted: the build could not compile it: mypyc or the C compiler" \
+        in output

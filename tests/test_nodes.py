@@ -206,3 +206,43 @@ def test_ids_are_unique_across_nodes(fleet: Fleet) -> None:
                            {"targets": ["pc1"], "task": {"type": "ping"}},
                            {"Authorization": token})
     assert json.loads(body)["tasks"][0]["id"] not in seen
+
+
+def test_a_node_rides_out_lost_database_connections(fleet: Fleet, pg_server: str) -> None:  # noqa: F811
+    """Every connection of the node to the database is cut (as a restart of PostgreSQL
+    would): the node reconnects by itself, and wake-ups from other nodes are heard again."""
+    from pg_support import _admin
+    a, b = fleet.node(), fleet.node()
+    fleet.agent("pc1")
+    token = a.login()
+    name = fleet.url.rsplit("/", 1)[1]
+    _admin(pg_server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+
+    def submit_on_b() -> bool:
+        status, _, _ = http("POST", f"{b.url}/api/v1/tasks",
+                            {"targets": ["pc1"], "task": {"type": "ping"}},
+                            {"Authorization": token})
+        return status == 202
+    wait_until(lambda: http("GET", f"{a.url}/readyz")[0] == 200, timeout_s=10)
+    wait_until(submit_on_b, timeout_s=10)
+    status, _, body = http("GET", f"{a.url}/tasks", headers=basic("pc1", SECRET), timeout=5)
+    assert status == 200 and json.loads(body).get("type") == "ping", body
+    # The agent now parked on A; a task submitted on B wakes A (its listener is back).
+    agent = PollingAgent(a.url, "pc1", SECRET, answer=lambda task: {"ok": task["id"]}).start()
+    try:
+        wait_until(lambda: _online(b, token, "pc1"), timeout_s=5)
+        status, body = submit(b, token, "pc1", {"type": "ping"})
+        assert status == 200 and "ok" in body, body
+    finally:
+        agent.stop()
+
+
+def test_an_unreachable_database_is_one_clear_line(tmp_path: Path) -> None:
+    url = f"postgresql://dut:secret-pw@127.0.0.1:{free_port()}/nowhere"
+    out = cli("server", str(free_port()), url, check=False,
+              env={"DUTSERVER_KEY_FILE": str(tmp_path / "k")})
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dutserver: cannot use the database"), lines
+    assert "secret-pw" not in out.stderr and "***" in out.stderr

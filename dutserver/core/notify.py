@@ -23,8 +23,9 @@ class LocalNotifier:
         self._on_work: Callable[[str], None] | None = None
         self._on_finished: Callable[[int], None] | None = None
 
-    def subscribe(self, on_work: Callable[[str], None],
-                  on_finished: Callable[[int], None]) -> None:
+    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+                  on_gap: Callable[[], None]) -> None:
+        # A call on this loop is never missed: no gap to report.
         self._on_work, self._on_finished = on_work, on_finished
 
     def agent_has_work(self, agent: str) -> None:

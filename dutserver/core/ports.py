@@ -42,6 +42,10 @@ class Store(Protocol):
         """Waits until every write queued before it is committed (read-your-writes)."""
         ...
 
+    async def ping(self) -> bool:
+        """Whether the database answers now (readiness)."""
+        ...
+
     # --- tasks: ids, the hot path's writes, recovery, finding one ----------------------------
 
     async def reserve_task_ids(self, count: int) -> range:
@@ -171,8 +175,10 @@ class Notifier(Protocol):
         """This process ended a task that another one may hold (a submitter waits there)."""
         ...
 
-    def subscribe(self, on_work: Callable[[str], None],
-                  on_finished: Callable[[int], None]) -> None: ...
+    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+                  on_gap: Callable[[], None]) -> None:
+        """on_gap: wake-ups may have been missed (the listening connection was lost)."""
+        ...
 
 
 class Timer(Protocol):

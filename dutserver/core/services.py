@@ -29,6 +29,14 @@ class Services:
         """Shutting down: answers close their connections, /readyz says 503."""
         return self.tasks.closing
 
+    async def unready(self) -> str | None:
+        """Why this node should get no traffic now, if it should not."""
+        if self.closing:
+            return "Shutting down"
+        if not await self.tasks.store.ping():
+            return "database unavailable"
+        return None
+
     async def start(self) -> None:
         """Start-up: the key, the accounts and bans, then this node's recovery."""
         await self.auth.check_key()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dutserver.core import codec
 from dutserver.core.errors import ApiError
-from dutserver.core.model import FINAL_STATES, Task, TaskState
+from dutserver.core.model import FINAL_STATES, Task, TaskFilter, TaskRecord, TaskState
 
 if TYPE_CHECKING:
     from dutserver.core.tasks import Tasks
@@ -117,10 +117,30 @@ class Sharing:
         if task is not None:
             asyncio.ensure_future(self.take_over(task))
 
+    def on_gap(self) -> None:
+        """Wake-ups may have been missed: the agents polling here fetch their queued tasks
+        again, and the tasks held here are compared with the store."""
+        dispatcher = self.tasks.dispatcher
+        for agent in list(dispatcher.slots):
+            if dispatcher.is_online(agent):
+                self.fetch(agent)
+        asyncio.ensure_future(self._recheck(list(dispatcher.active)))
+
+    async def _recheck(self, ids: list[int]) -> None:
+        for start in range(0, len(ids), 1000):
+            chunk = tuple(ids[start:start + 1000])
+            for row in await self.tasks.store.tasks(TaskFilter(ids=chunk, limit=len(chunk))):
+                task = self.tasks.dispatcher.active.get(row.id)
+                if task is not None and row.state != task.state.value:
+                    self._apply(task, row)
+
     async def take_over(self, task: Task) -> None:
         row = await self.tasks.store.task(task.id)
-        if row is None:
-            return
+        if row is not None:
+            self._apply(task, row)
+
+    def _apply(self, task: Task, row: TaskRecord) -> None:
+        """What the store says of a task replaces this node's copy."""
         dispatcher = self.tasks.dispatcher
         if row.state not in _FINAL:  # delivered by another node: its end comes later
             if task.state is TaskState.QUEUED:

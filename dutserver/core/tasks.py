@@ -57,7 +57,8 @@ class Tasks:
         self._online_for_ms = int((settings.poll_timeout_s + settings.online_grace_s
                                    + settings.sweep_interval_s) * 1000)
         self.sharing = Sharing(self)
-        notifier.subscribe(self.sharing.on_agent_work, self.sharing.on_task_finished)
+        notifier.subscribe(self.sharing.on_agent_work, self.sharing.on_task_finished,
+                           self.sharing.on_gap)
 
     @property
     def closing(self) -> bool:

@@ -18,9 +18,10 @@ async def healthz(req: Request) -> Reply:
 
 
 async def readyz(req: Request) -> Reply:
-    """Ready to serve; 503 while shutting down."""
-    if req.services.closing:
-        raise ApiError(503, "Shutting down")
+    """Ready to serve; 503 while shutting down or while the database does not answer."""
+    why = await req.services.unready()
+    if why is not None:
+        raise ApiError(503, why)
     return ok({"status": "ready"})
 
 

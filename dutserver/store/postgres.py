@@ -233,6 +233,12 @@ class PostgresStore:
     async def barrier(self) -> None:
         await asyncio.shield(self._batch().done)
 
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._pool.fetchval("SELECT 1"), 1.0))
+        except Exception:
+            return False
+
     # --- tasks -------------------------------------------------------------------------------
 
     def save_task(self, task: Task, expected: str | None = None) -> asyncio.Future[Any]:
@@ -578,12 +584,13 @@ class PostgresNotifier:
         self.store = store
         self._on_work: Callable[[str], None] | None = None
         self._on_finished: Callable[[int], None] | None = None
+        self._on_gap: Callable[[], None] | None = None
         self._conn: Any = None
         self._closing = False
 
-    def subscribe(self, on_work: Callable[[str], None],
-                  on_finished: Callable[[int], None]) -> None:
-        self._on_work, self._on_finished = on_work, on_finished
+    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+                  on_gap: Callable[[], None]) -> None:
+        self._on_work, self._on_finished, self._on_gap = on_work, on_finished, on_gap
 
     def agent_has_work(self, agent: str) -> None:
         self.store.notify(f"w:{self.store.node}:{agent}")
@@ -622,6 +629,9 @@ class PostgresNotifier:
         while not self._closing:
             try:
                 await self.listen()
+                log.info("listening to the database again")
+                if self._on_gap is not None:  # what was sent meanwhile was not heard
+                    self._on_gap()
                 return
             except (*_LOST, asyncpg.PostgresError):
                 await asyncio.sleep(delay)

@@ -130,6 +130,9 @@ class SqliteStore:
     async def _prune(self) -> None:
         self._write_nowait(sql.bans_prune, wall_ms())  # bans that ended
 
+    async def ping(self) -> bool:
+        return True  # a file of this process's own
+
     async def barrier(self) -> None:
         await self.writer.barrier()
 
