@@ -331,10 +331,14 @@ class Tasks:
         return task_view(task)
 
     async def view(self, task_id: int) -> dict[str, Any]:
+        """The task as it is: from memory where this node holds it (its newest state, maybe not
+        committed yet); in a fleet, from the store (a copy here may lag another node's)."""
         task = self.dispatcher.active.get(task_id)
-        if task is not None:
+        if task is not None and not self.fleet:
             return task_view(task)
         row = await self.store.task(task_id)
+        if row is None and task is not None:  # its insert is not committed yet
+            return task_view(task)
         if row is None:
             raise ApiError(404, f"Unknown task: {task_id}")
         return record_view(row)
@@ -352,7 +356,7 @@ class Tasks:
     async def history(self, where: TaskFilter) -> list[dict[str, Any]]:
         views = []
         for row in await self.store.tasks(where):
-            live = self.dispatcher.active.get(row.id)
+            live = None if self.fleet else self.dispatcher.active.get(row.id)
             views.append(task_view(live) if live is not None else record_view(row))
         return views
 

@@ -15,7 +15,6 @@ Why asyncpg: bench/README.md, "Session 7" (round trips with each driver, same ru
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -29,24 +28,12 @@ from dutserver.core.errors import ApiError
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord, Task,
                                   TaskFilter, TaskRecord)
 from dutserver.core.ports import AccountExists
+from dutserver.store import postgres_sql as pgsql
+from dutserver.store.postgres_notify import CHANNEL, PostgresNotifier
 from dutserver.store.postgres_schema import migrate
+from dutserver.store.postgres_sql import LOST
 
 log = logging.getLogger("dutserver.store")
-CHANNEL = "dutserver"
-_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-         asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError, asyncio.TimeoutError)
-
-
-def _is_lost(exc: BaseException) -> bool:
-    """Whether exc says the database went away (not that a statement was wrong)."""
-    return isinstance(exc, _LOST) or (
-        isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
-_TASK_COLUMNS = ("id, agent, type, payload, state, submitted_by, created_ms, expires_ms, "
-                 "delivered_ms, finished_ms, result, delivered_by")
-_NO_RESULT = json.dumps({"error": True, "msg": "no result"})
-_EXPIRED = json.dumps({"error": True, "msg": "expired in queue"})
-
-
 def unavailable(exc: BaseException) -> ApiError:
     log.error("database unavailable: %s", type(exc).__name__)
     return ApiError(503, "database unavailable")
@@ -97,7 +84,7 @@ class PostgresStore:
                                    "DO UPDATE SET started_ms = $2, seen_ms = $2", self.node, now)
             self._writer = await asyncpg.connect(self.url)
             await self.notifier.listen()
-        except (*_LOST, asyncpg.PostgresError) as exc:
+        except (*LOST, asyncpg.PostgresError) as exc:
             raise ConnectionError(f"cannot use the database {redact_url(self.url)}: "
                                   f"{type(exc).__name__}: {redact_url(str(exc))}") from None
 
@@ -117,7 +104,7 @@ class PostgresStore:
         return [(60.0, self._prune)]
 
     async def _prune(self) -> None:
-        await self._write(_bans_prune, wall_ms())
+        await self._write(pgsql.bans_prune, wall_ms())
 
     # --- the group commit --------------------------------------------------------------------
 
@@ -145,7 +132,7 @@ class PostgresStore:
             try:
                 won, values = await self._run(batch)
             except Exception as exc:
-                if _is_lost(exc):
+                if pgsql.is_lost(exc):
                     await self._reconnect()
                     self._fail(batch, unavailable(exc))
                 else:
@@ -184,7 +171,7 @@ class PostgresStore:
             pass
         try:
             self._writer = await asyncpg.connect(self.url, timeout=5)
-        except (*_LOST, asyncpg.PostgresError) as exc:
+        except (*LOST, asyncpg.PostgresError) as exc:
             log.error("database still unavailable: %s", type(exc).__name__)
 
     async def _run(self, batch: _Batch) -> tuple[set[int], list[Any]]:
@@ -197,17 +184,17 @@ class PostgresStore:
         values: list[Any] = []
         async with conn.transaction():
             if batch.inserts:
-                await conn.execute(_INSERT, *_columns(batch.inserts.values(), 12))
+                await conn.execute(pgsql.INSERT, *pgsql.columns(batch.inserts.values(), 12))
             plain = [r for i, r in batch.updates.items() if i not in batch.expected]
             if plain:
-                await conn.execute(_UPDATE, *_update_columns(plain))
+                await conn.execute(pgsql.UPDATE, *pgsql.update_columns(plain))
             checked = [r for i, r in batch.updates.items() if i in batch.expected]
             if checked:
-                rows = await conn.fetch(_UPDATE_IF, *_update_columns(checked),
+                rows = await conn.fetch(pgsql.UPDATE_IF, *pgsql.update_columns(checked),
                                         [batch.expected[r[0]] for r in checked])
                 won = {r[0] for r in rows}
             if batch.audits:
-                await conn.execute(_AUDIT, *_columns(batch.audits, 5))
+                await conn.execute(pgsql.AUDIT, *pgsql.columns(batch.audits, 5))
             for fn, args, _ in batch.ops:
                 values.append(await fn(conn, *args))
             if batch.notifies:
@@ -265,32 +252,32 @@ class PostgresStore:
 
     async def finish_task(self, task_id: int, expected_state: str, state: str,
                           result_json: str, finished_ms: int) -> bool:
-        return bool(await self._write(_finish, task_id, expected_state, state, result_json,
+        return bool(await self._write(pgsql.finish, task_id, expected_state, state, result_json,
                                       finished_ms))
 
     async def reserve_task_ids(self, count: int) -> range:
-        top = int(await self._write(_reserve, count))
+        top = int(await self._write(pgsql.reserve, count))
         return range(top - count + 1, top + 1)
 
     async def queued_tasks(self, agent: str) -> list[TaskRecord]:
-        rows = await self._fetch(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = 'queued' "
+        rows = await self._fetch(f"SELECT {pgsql.TASK_COLUMNS} FROM tasks WHERE state = 'queued' "
                                  "AND agent = $1 ORDER BY id", agent)
         return [TaskRecord(*r) for r in rows]
 
     async def recover(self, now_ms: int) -> list[TaskRecord]:
-        await self._write(_recover, self.node, now_ms)
+        await self._write(pgsql.recover, self.node, now_ms)
         return []  # a fleet's queues are the store's: each agent's first poll fetches its own
 
     async def node_alive(self) -> tuple[list[str], list[int]]:
-        agents, ended = await self._write(_heartbeat, self.node, wall_ms(),
+        agents, ended = await self._write(pgsql.heartbeat, self.node, wall_ms(),
                                           int(self.lease_s * 1000))
         return agents, ended
 
     async def expire_queued(self, now_ms: int) -> list[int]:
-        return list(await self._write(_expire, now_ms))
+        return list(await self._write(pgsql.expire, now_ms))
 
     async def task(self, task_id: int) -> TaskRecord | None:
-        row = await self._fetchrow(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = $1", task_id)
+        row = await self._fetchrow(f"SELECT {pgsql.TASK_COLUMNS} FROM tasks WHERE id = $1", task_id)
         return TaskRecord(*row) if row else None
 
     async def tasks(self, where: TaskFilter) -> list[TaskRecord]:
@@ -308,7 +295,7 @@ class PostgresStore:
             args.append(list(where.ids))
             clauses.append(f"id = ANY(${len(args)}::bigint[])")
         args.append(where.limit)
-        sql = (f"SELECT {_TASK_COLUMNS} FROM tasks"
+        sql = (f"SELECT {pgsql.TASK_COLUMNS} FROM tasks"
                + (" WHERE " + " AND ".join(clauses) if clauses else "")
                + f" ORDER BY id DESC LIMIT ${len(args)}")
         return [TaskRecord(*r) for r in await self._fetch(sql, *args)]
@@ -329,24 +316,24 @@ class PostgresStore:
         return AccountRecord(*row) if row else None
 
     async def add_account(self, name: str, kind: str, secret_hash: str, now_ms: int) -> None:
-        if not await self._write(_add_account, name, kind, secret_hash, now_ms):
+        if not await self._write(pgsql.add_account, name, kind, secret_hash, now_ms):
             raise AccountExists(name)
 
     async def set_secret(self, name: str, secret_hash: str, now_ms: int) -> bool:
-        return bool(await self._write(_set_secret, name, secret_hash, now_ms))
+        return bool(await self._write(pgsql.set_secret, name, secret_hash, now_ms))
 
     async def remove_account(self, name: str) -> bool:
-        return bool(await self._write(_remove_account, name))
+        return bool(await self._write(pgsql.remove_account, name))
 
     async def add_session(self, digest: str, account: str, now_ms: int) -> None:
-        await self._write(_execute, "INSERT INTO sessions VALUES ($1, $2, $3, $3)", digest,
+        await self._write(pgsql.execute, "INSERT INTO sessions VALUES ($1, $2, $3, $3)", digest,
                           account, now_ms)
 
     def delete_session(self, digest: str) -> None:
-        self._write_nowait(_execute, "DELETE FROM sessions WHERE digest = $1", digest)
+        self._write_nowait(pgsql.execute, "DELETE FROM sessions WHERE digest = $1", digest)
 
     def touch_sessions(self, rows: Sequence[tuple[int, str]]) -> None:
-        self._write_nowait(_executemany, "UPDATE sessions SET last_used_ms = "
+        self._write_nowait(pgsql.executemany, "UPDATE sessions SET last_used_ms = "
                            "greatest(last_used_ms, $1) WHERE digest = $2", list(rows))
 
     async def session(self, digest: str) -> SessionRecord | None:
@@ -356,13 +343,13 @@ class PostgresStore:
         return SessionRecord(*row) if row else None
 
     def prune_sessions(self, last_used_before_ms: int, created_before_ms: int) -> None:
-        self._write_nowait(_execute, "DELETE FROM sessions WHERE last_used_ms < $1 OR "
+        self._write_nowait(pgsql.execute, "DELETE FROM sessions WHERE last_used_ms < $1 OR "
                            "created_ms < $2", last_used_before_ms, created_before_ms)
 
     def add_ban(self, key: str, until_ms: int) -> None:
-        self._write_nowait(_execute, "INSERT INTO bans VALUES ($1, $2) ON CONFLICT (key) DO "
+        self._write_nowait(pgsql.execute, "INSERT INTO bans VALUES ($1, $2) ON CONFLICT (key) DO "
                            "UPDATE SET until_ms = greatest(bans.until_ms, excluded.until_ms)",
-                           _text(key), until_ms)
+                           pgsql.text(key), until_ms)
 
     async def bans(self, now_ms: int) -> dict[str, int]:
         return {r[0]: r[1] for r in await self._fetch(
@@ -373,16 +360,16 @@ class PostgresStore:
         return None if value is None else str(value)
 
     async def set_setting(self, key: str, value: str) -> None:
-        await self._write(_execute, "INSERT INTO settings VALUES ($1, $2) ON CONFLICT (key) "
+        await self._write(pgsql.execute, "INSERT INTO settings VALUES ($1, $2) ON CONFLICT (key) "
                           "DO UPDATE SET value = excluded.value", key, value)
 
     # --- agents' status, audit ---------------------------------------------------------------
 
     def agents_seen(self, rows: Sequence[tuple[str, int, str | None, str | None, int]]) -> None:
-        self._write_nowait(_executemany, _AGENTS_SEEN, list(rows))
+        self._write_nowait(pgsql.executemany, pgsql.AGENTS_SEEN, list(rows))
 
     def agent_inventory(self, name: str, inventory_json: str) -> None:
-        self._write_nowait(_execute, "INSERT INTO agents (name, inventory) VALUES ($1, $2) "
+        self._write_nowait(pgsql.execute, "INSERT INTO agents (name, inventory) VALUES ($1, $2) "
                            "ON CONFLICT (name) DO UPDATE SET inventory = excluded.inventory",
                            name, inventory_json)
 
@@ -396,7 +383,7 @@ class PostgresStore:
         return [AgentRecord(*r) for r in rows]
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
-        self._batch().audits.append((wall_ms(), _text(actor), action, _text(detail) or "",
+        self._batch().audits.append((wall_ms(), pgsql.text(actor), action, pgsql.text(detail) or "",
                                      address))
 
     async def audit_events(self, before_id: int | None, limit: int) -> list[AuditRecord]:
@@ -413,226 +400,16 @@ class PostgresStore:
         try:
             return list(await self._pool.fetch(sql, *args))
         except Exception as exc:
-            raise unavailable(exc) if _is_lost(exc) else exc from None
+            raise unavailable(exc) if pgsql.is_lost(exc) else exc from None
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
         try:
             return await self._pool.fetchrow(sql, *args)
         except Exception as exc:
-            raise unavailable(exc) if _is_lost(exc) else exc from None
+            raise unavailable(exc) if pgsql.is_lost(exc) else exc from None
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self._pool.fetchval(sql, *args)
         except Exception as exc:
-            raise unavailable(exc) if _is_lost(exc) else exc from None
-
-
-def _text(text: str | None) -> str | None:
-    """Text as PostgreSQL takes it: no NUL, no lone surrogate (from a hostile login name)."""
-    if text is None or (text.isascii() and "\x00" not in text):
-        return text
-    return text.replace("\x00", "\ufffd").encode("utf-8", "surrogatepass").decode(
-        "utf-8", "replace")
-
-
-def _columns(rows: Sequence[tuple[Any, ...]] | Any, width: int) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for column, value in zip(columns, row):
-            column.append(value)
-    return columns
-
-
-def _update_columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """id, state, delivered_ms, finished_ms, result, delivered_by of task rows."""
-    return [[r[i] for r in rows] for i in (0, 4, 8, 9, 10, 11)]
-
-
-_INSERT = (
-    f"INSERT INTO tasks ({_TASK_COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[], "
-    "$3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], "
-    "$10::bigint[], $11::text[], $12::text[]) ON CONFLICT (id) DO UPDATE SET "
-    "state = excluded.state, delivered_ms = excluded.delivered_ms, "
-    "finished_ms = excluded.finished_ms, result = excluded.result, "
-    "delivered_by = excluded.delivered_by")
-_UPDATE = (
-    "UPDATE tasks t SET state = u.state, delivered_ms = u.dms, finished_ms = u.fms, "
-    "result = u.res, delivered_by = u.dby FROM unnest($1::bigint[], $2::text[], $3::bigint[], "
-    "$4::bigint[], $5::text[], $6::text[]) AS u(id, state, dms, fms, res, dby) WHERE t.id = u.id")
-_UPDATE_IF = (
-    "UPDATE tasks t SET state = u.state, delivered_ms = u.dms, finished_ms = u.fms, "
-    "result = u.res, delivered_by = u.dby FROM unnest($1::bigint[], $2::text[], $3::bigint[], "
-    "$4::bigint[], $5::text[], $6::text[], $7::text[]) AS u(id, state, dms, fms, res, dby, was) "
-    "WHERE t.id = u.id AND t.state = u.was RETURNING t.id")
-_AUDIT = ("INSERT INTO audit (at_ms, actor, action, detail, address) SELECT * FROM "
-          "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])")
-_AGENTS_SEEN = (
-    "INSERT INTO agents (name, last_seen_ms, address, agent_version, online_until_ms) "
-    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET "
-    "last_seen_ms = greatest(agents.last_seen_ms, excluded.last_seen_ms), "
-    "address = excluded.address, online_until_ms = excluded.online_until_ms, "
-    "agent_version = coalesce(excluded.agent_version, agents.agent_version)")
-
-
-# --- writer ops: functions of the writer's connection, inside its batch's transaction ---------
-
-async def _execute(conn: Any, sql: str, *args: Any) -> None:
-    await conn.execute(sql, *args)
-
-
-async def _executemany(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    await conn.executemany(sql, rows)
-
-
-async def _reserve(conn: Any, count: int) -> int:
-    return int(await conn.fetchval(
-        "UPDATE settings SET value = (value::bigint + $1)::text WHERE key = 'tasks_seq' "
-        "RETURNING value::bigint", count))
-
-
-async def _finish(conn: Any, task_id: int, expected: str, state: str, result_json: str,
-                  finished_ms: int) -> bool:
-    done = await conn.fetchval("UPDATE tasks SET state = $1, result = $2, finished_ms = $3 "
-                               "WHERE id = $4 AND state = $5 RETURNING id",
-                               state, result_json, finished_ms, task_id, expected)
-    return done is not None
-
-
-async def _bump_accounts_rev(conn: Any) -> None:
-    await conn.execute("UPDATE settings SET value = (value::bigint + 1)::text "
-                       "WHERE key = 'accounts_rev'")
-
-
-async def _add_account(conn: Any, name: str, kind: str, secret_hash: str, now_ms: int) -> bool:
-    added = await conn.fetchval("INSERT INTO accounts VALUES ($1, $2, $3, $4, $4) "
-                                "ON CONFLICT (name) DO NOTHING RETURNING name",
-                                name, kind, secret_hash, now_ms)
-    if added is not None:
-        await _bump_accounts_rev(conn)
-    return added is not None
-
-
-async def _set_secret(conn: Any, name: str, secret_hash: str, now_ms: int) -> bool:
-    changed = await conn.fetchval("UPDATE accounts SET secret_hash = $1, updated_ms = $2 "
-                                  "WHERE name = $3 RETURNING name", secret_hash, now_ms, name)
-    if changed is not None:
-        await conn.execute("DELETE FROM sessions WHERE account = $1", name)
-        await _bump_accounts_rev(conn)
-    return changed is not None
-
-
-async def _remove_account(conn: Any, name: str) -> bool:
-    removed = await conn.fetchval("DELETE FROM accounts WHERE name = $1 RETURNING name", name)
-    if removed is not None:
-        await conn.execute("DELETE FROM sessions WHERE account = $1", name)
-        await _bump_accounts_rev(conn)
-    return removed is not None
-
-
-async def _bans_prune(conn: Any, now_ms: int) -> None:
-    await conn.execute("DELETE FROM bans WHERE until_ms <= $1", now_ms)
-
-
-async def _recover(conn: Any, node: str, now_ms: int) -> None:
-    await conn.execute("UPDATE tasks SET state = 'failed', finished_ms = $1, result = $2 "
-                       "WHERE state = 'delivered' AND (delivered_by = $3 OR delivered_by IS NULL)",
-                       now_ms, _NO_RESULT, node)
-    await _expire(conn, now_ms)
-
-
-async def _expire(conn: Any, now_ms: int) -> list[int]:
-    rows = await conn.fetch("UPDATE tasks SET state = 'expired', finished_ms = $1, result = $2 "
-                            "WHERE state = 'queued' AND expires_ms <= $1 RETURNING id",
-                            now_ms, _EXPIRED)
-    return [r[0] for r in rows]
-
-
-async def _heartbeat(conn: Any, node: str, now_ms: int,
-                     lease_ms: int) -> tuple[list[str], list[int]]:
-    """This node's heartbeat; the nodes past their lease recovered, by one survivor (the
-    DELETE that finds them decides which)."""
-    if await conn.fetchval("UPDATE nodes SET seen_ms = $2 WHERE name = $1 RETURNING name",
-                           node, now_ms) is None:
-        log.warning("node %s was taken for dead by the others: its deliveries failed", node)
-        await conn.execute("INSERT INTO nodes VALUES ($1, $2, $2) ON CONFLICT DO NOTHING",
-                           node, now_ms)
-    dead = [r[0] for r in await conn.fetch(
-        "DELETE FROM nodes WHERE seen_ms < $1 AND name != $2 RETURNING name",
-        now_ms - lease_ms, node)]
-    if not dead:
-        return [], []
-    log.warning("recovering node(s) %s: silent for over %.1f s", ", ".join(dead),
-                lease_ms / 1000)
-    ended = [r[0] for r in await conn.fetch(
-        "UPDATE tasks SET state = 'failed', finished_ms = $1, result = $2 "
-        "WHERE state = 'delivered' AND delivered_by = ANY($3::text[]) RETURNING id",
-        now_ms, _NO_RESULT, dead)]
-    agents = [r[0] for r in await conn.fetch(
-        "SELECT DISTINCT agent FROM tasks WHERE state = 'queued'")]
-    return agents, ended
-
-
-class PostgresNotifier:
-    """Wake-ups between nodes: NOTIFYs on one channel, each sent with the commit of what it
-    announces ("w:<node>:<agent>", "f:<node>:<task id>"), heard on a connection of its own.
-    What a node sends, it does not hear back."""
-
-    fleet = True
-
-    def __init__(self, store: PostgresStore) -> None:
-        self.store = store
-        self._on_work: Callable[[str], None] | None = None
-        self._on_finished: Callable[[int], None] | None = None
-        self._on_gap: Callable[[], None] | None = None
-        self._conn: Any = None
-        self._closing = False
-
-    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
-                  on_gap: Callable[[], None]) -> None:
-        self._on_work, self._on_finished, self._on_gap = on_work, on_finished, on_gap
-
-    def agent_has_work(self, agent: str) -> None:
-        self.store.notify(f"w:{self.store.node}:{agent}")
-
-    def task_finished(self, task_id: int) -> None:
-        self.store.notify(f"f:{self.store.node}:{task_id}")
-
-    async def listen(self) -> None:
-        """Connects the listening connection (again, after it was lost)."""
-        self._conn = await asyncpg.connect(self.store.url)
-        self._conn.add_termination_listener(self._lost)
-        await self._conn.add_listener(CHANNEL, self._heard)
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._conn is not None:
-            await self._conn.close()
-
-    def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        kind, _, rest = payload.partition(":")
-        node, _, what = rest.rpartition(":")
-        if node == self.store.node:
-            return
-        if kind == "w" and self._on_work is not None:
-            self._on_work(what)
-        elif kind == "f" and self._on_finished is not None and what.isdigit():
-            self._on_finished(int(what))
-
-    def _lost(self, conn: Any) -> None:
-        if not self._closing:
-            log.error("the listening connection to the database was lost; reconnecting")
-            asyncio.ensure_future(self._relisten())
-
-    async def _relisten(self) -> None:
-        delay = 0.1
-        while not self._closing:
-            try:
-                await self.listen()
-                log.info("listening to the database again")
-                if self._on_gap is not None:  # what was sent meanwhile was not heard
-                    self._on_gap()
-                return
-            except (*_LOST, asyncpg.PostgresError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            raise unavailable(exc) if pgsql.is_lost(exc) else exc from None

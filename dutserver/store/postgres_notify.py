@@ -1,0 +1,83 @@
+"""Wake-ups between the nodes of one PostgreSQL database (core.ports.Notifier)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from dutserver.store.postgres_sql import LOST
+
+if TYPE_CHECKING:
+    from dutserver.store.postgres import PostgresStore
+
+log = logging.getLogger("dutserver.store")
+CHANNEL = "dutserver"
+
+
+class PostgresNotifier:
+    """Wake-ups between nodes: NOTIFYs on one channel, each sent with the commit of what it
+    announces ("w:<node>:<agent>", "f:<node>:<task id>"), heard on a connection of its own.
+    What a node sends, it does not hear back."""
+
+    fleet = True
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self._on_work: Callable[[str], None] | None = None
+        self._on_finished: Callable[[int], None] | None = None
+        self._on_gap: Callable[[], None] | None = None
+        self._conn: Any = None
+        self._closing = False
+
+    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+                  on_gap: Callable[[], None]) -> None:
+        self._on_work, self._on_finished, self._on_gap = on_work, on_finished, on_gap
+
+    def agent_has_work(self, agent: str) -> None:
+        self.store.notify(f"w:{self.store.node}:{agent}")
+
+    def task_finished(self, task_id: int) -> None:
+        self.store.notify(f"f:{self.store.node}:{task_id}")
+
+    async def listen(self) -> None:
+        """Connects the listening connection (again, after it was lost)."""
+        self._conn = await asyncpg.connect(self.store.url)
+        self._conn.add_termination_listener(self._lost)
+        await self._conn.add_listener(CHANNEL, self._heard)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._conn is not None:
+            await self._conn.close()
+
+    def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        kind, _, rest = payload.partition(":")
+        node, _, what = rest.rpartition(":")
+        if node == self.store.node:
+            return
+        if kind == "w" and self._on_work is not None:
+            self._on_work(what)
+        elif kind == "f" and self._on_finished is not None and what.isdigit():
+            self._on_finished(int(what))
+
+    def _lost(self, conn: Any) -> None:
+        if not self._closing:
+            log.error("the listening connection to the database was lost; reconnecting")
+            asyncio.ensure_future(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self.listen()
+                log.info("listening to the database again")
+                if self._on_gap is not None:  # what was sent meanwhile was not heard
+                    self._on_gap()
+                return
+            except (*LOST, asyncpg.PostgresError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
