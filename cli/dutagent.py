@@ -101,7 +101,9 @@ class Option:
 
 BOTH = ("register", "run")
 OPTIONS: list[Option] = [
-    Option("server", str, None, "server URL, e.g. https://dut.example.com:8443", BOTH),
+    Option("server", str, None, "server URL, e.g. https://dut.example.com:8443; several nodes of "
+           "one fleet as a comma list (URL1,URL2,…): the agent starts at a random one and "
+           "moves to the next when one fails", BOTH),
     Option("name", str, None, "agent name (register: default the host name)", BOTH),
     Option("secret", str, None, "agent secret; prefer the config file or DUTAGENT_SECRET, "
            "since other users can see command lines"),
@@ -123,6 +125,8 @@ OPTIONS: list[Option] = [
     Option("max_output_bytes", int, MIB, "execute_cmd keeps at most this much of stdout and of stderr"),
     Option("max_result_bytes", int, MIB, "largest result body posted (the server's limit)"),
     Option("max_task_bytes", int, 32 * MIB, "largest task answer accepted from the server"),
+    Option("server_seed", int, None, "seed of the random choice of the first of several servers "
+           "(default: truly random; for tests)"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -149,6 +153,7 @@ class Settings:
     max_output_bytes: int
     max_result_bytes: int
     max_task_bytes: int
+    server_seed: int | None
 
     def __init__(self, values: JsonDict) -> None:
         for option in OPTIONS:
@@ -172,6 +177,9 @@ def coerce(option: Option, value: Any, origin: str) -> Any:
     """Converts a value from the environment (str) or the config file (JSON) to the option's type."""
     if value is None:
         return None
+    if option.name == "server" and isinstance(value, list) and value \
+            and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # the config file may list a fleet's nodes as a JSON array
     try:
         if option.kind is bool:
             if isinstance(value, bool):
@@ -272,11 +280,23 @@ def resolve_settings(args: argparse.Namespace, command: str, environ: dict[str, 
     return Settings(merged), config_path, found
 
 
+def split_servers(text: str) -> list[str]:
+    """The URLs of a comma list ("URL1,URL2"), blanks and repeats dropped, in order."""
+    urls: list[str] = []
+    for item in text.split(","):
+        url = item.strip()
+        if url and url not in urls:
+            urls.append(url)
+    return urls
+
+
 def validate_settings(s: Settings) -> None:
     if s.server is not None:
-        parts = urllib.parse.urlsplit(s.server)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"server must be an http:// or https:// URL, not {s.server!r}")
+        urls = split_servers(s.server)
+        for url in urls or [s.server]:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(f"server must be an http:// or https:// URL, not {url!r}")
     if s.name is not None and not NAME_RE.match(s.name):
         raise UsageError(f"invalid agent name {s.name!r}: use 1..64 characters of A-Z a-z 0-9 . _ -")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -426,6 +446,10 @@ class HttpChannel:
                 raise
         raise AssertionError("unreachable")
 
+    def open(self) -> None:
+        """Connects now (a request sent later reuses the connection)."""
+        self._connection()
+
     def abort(self) -> None:
         with self._lock:
             self._aborted = True
@@ -520,6 +544,45 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+class ServerList:
+    """The nodes of one fleet, in the order given, and which of them the agent uses now.
+
+    The agent starts at a random node, so that a fleet of agents (and a restart herd of them)
+    is spread over the list, and keeps to it while it answers (sticky). A node that fails
+    (unreachable, no answer in time, 5xx) hands over to the next one in the list, for polls
+    and results alike. Thread-safe: the poller and the result threads share it.
+    """
+
+    def __init__(self, urls: list[str], ssl_context: ssl.SSLContext | None,
+                 seed: int | None = None) -> None:
+        self.endpoints = [Endpoint(url, ssl_context) for url in urls]
+        self._lock = threading.Lock()
+        rng = random.Random(seed) if seed is not None else random.SystemRandom()
+        self._current = rng.randrange(len(self.endpoints)) if len(self.endpoints) > 1 else 0
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    @property
+    def several(self) -> bool:
+        return len(self.endpoints) > 1
+
+    def current(self) -> int:
+        with self._lock:
+            return self._current
+
+    def url(self, index: int) -> str:
+        return self.endpoints[index].url
+
+    def failed(self, index: int) -> int:
+        """Node `index` failed: moves on to the next one, unless another thread did already.
+        Returns the node to use now."""
+        with self._lock:
+            if self._current == index:
+                self._current = (index + 1) % len(self.endpoints)
+            return self._current
 
 
 def auth_header(name: str, secret: str, classic: bool) -> str:
@@ -1621,7 +1684,7 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         context = make_ssl_context(settings.ca_file, settings.insecure)
-        self.endpoint = Endpoint(settings.server, context)
+        self.servers = ServerList(split_servers(settings.server), context, settings.server_seed)
         self.download_context = ssl.create_default_context()
         if settings.ca_file:
             self.download_context.load_verify_locations(settings.ca_file)
@@ -1631,8 +1694,10 @@ class Agent:
             "Accept": "application/json",
         }
         self.result_path = "/task_result" if settings.classic else "/tasks_result"
-        self._poll_channel = HttpChannel(self.endpoint, settings.poll_timeout_s)
-        self._idle_channels: list[HttpChannel] = []
+        # One poll channel per server, made up front, so that a stop aborts whichever is in use.
+        self._poll_channels = [HttpChannel(endpoint, settings.poll_timeout_s)
+                               for endpoint in self.servers.endpoints]
+        self._idle_channels: dict[int, list[HttpChannel]] = {}
         self._all_channels: list[HttpChannel] = []
         self._signals = 0
         self._stopping = threading.Event()
@@ -1650,8 +1715,13 @@ class Agent:
             log.warning("*** --insecure: the server's TLS certificate is NOT verified. Anyone on the "
                         "network path can pose as the server and run commands on this machine. ***")
         self._install_signal_handlers()
+        servers = self.servers
+        where = servers.url(servers.current())
+        if servers.several:
+            where += f" (first of {len(servers)} servers: " + \
+                ", ".join(e.url for e in servers.endpoints) + ")"
         log.info("dutagent %s (Python %s) polling %s as %s%s, up to %d tasks at once",
-                 __version__, platform.python_version(), s.server, s.name,
+                 __version__, platform.python_version(), where, s.name,
                  " (classic protocol)" if s.classic else "", s.max_tasks)
         poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
         poller.start()
@@ -1676,7 +1746,8 @@ class Agent:
         started = time.monotonic()
         log.info("stopping: no new tasks; running tasks get %.3g s to finish", self.settings.grace_s)
         self._stopping.set()
-        self._poll_channel.abort()
+        for channel in self._poll_channels:
+            channel.abort()
         with self._changed:
             self._changed.notify_all()
         poller.join(1.0)
@@ -1714,30 +1785,47 @@ class Agent:
 
     def _poll_loop(self) -> None:
         s = self.settings
+        servers = self.servers
         backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
         troubled = False
-        poll_path = self.endpoint.path("/tasks")
+        failed_in_row = 0  # servers that failed one after the other since the last answer
         while not self._stopping.is_set():
             self._wait_for_room()
             if self._stopping.is_set():
                 break
             delay: float | None = None
+            index = servers.current()
+            endpoint = servers.endpoints[index]
             started = time.monotonic()
             try:
-                reply = self._poll_channel.request("GET", poll_path, self.headers,
-                                                   max_body=s.max_task_bytes)
-                delay = self._handle_poll_reply(reply, backoff, time.monotonic() - started)
-                if delay is None and troubled:
-                    log.info("the server answers again")
-                troubled = delay is not None and reply.status != 200
+                reply = self._poll_channels[index].request("GET", endpoint.path("/tasks"),
+                                                           self.headers, max_body=s.max_task_bytes)
+                if servers.several and reply.status >= 500:
+                    failed_in_row += 1
+                    delay = self._poll_failed_at(index, f"HTTP {reply.status} {reply.message()}",
+                                                 failed_in_row, backoff, logging.WARNING,
+                                                 reply.retry_after_s)
+                    troubled = True
+                else:
+                    delay = self._handle_poll_reply(reply, backoff, time.monotonic() - started)
+                    failed_in_row = 0
+                    if delay is None and troubled:
+                        log.info("the server answers again" + (f" ({endpoint.url})"
+                                                               if servers.several else ""))
+                    troubled = delay is not None and reply.status != 200
             except Aborted:
                 break
             except (OSError, http.client.HTTPException, BadAnswer) as e:
                 if self._stopping.is_set():
                     break
-                delay = backoff.next_delay()
                 level = logging.ERROR if isinstance(e, (BadAnswer, ssl.SSLError)) else logging.WARNING
-                log.log(level, "poll failed: %s; retrying in %.1f s", describe_error(e), delay)
+                if servers.several:
+                    failed_in_row += 1
+                    delay = self._poll_failed_at(index, describe_error(e), failed_in_row, backoff,
+                                                 level, None)
+                else:
+                    delay = backoff.next_delay()
+                    log.log(level, "poll failed: %s; retrying in %.1f s", describe_error(e), delay)
                 troubled = True
             except Exception:
                 delay = backoff.next_delay()
@@ -1745,6 +1833,25 @@ class Agent:
                 troubled = True
             if delay is not None and self._stopping.wait(delay):
                 break
+
+    def _poll_failed_at(self, index: int, problem: str, failed_in_row: int, backoff: Backoff,
+                        level: int, retry_after_s: float | None) -> float:
+        """A poll of one of several servers failed: moves on to the next one, at once while some
+        server of the list has not failed yet, else after a backoff. Returns the delay."""
+        servers = self.servers
+        new = servers.failed(index)
+        if new != index:
+            self._poll_channels[index].close()  # no idle connection kept to a failing server
+        if failed_in_row % len(servers):
+            log.log(level, "poll failed at %s: %s; moving to %s", servers.url(index), problem,
+                    servers.url(new))
+            return 0.0
+        delay = backoff.next_delay()
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.settings.backoff_max_s))
+        log.log(level, "poll failed at %s: %s; all %d servers failed, retrying at %s in %.1f s",
+                servers.url(index), problem, len(servers), servers.url(new), delay)
+        return delay
 
     def _handle_poll_reply(self, reply: Reply, backoff: Backoff, took_s: float) -> float | None:
         """Acts on one poll answer; returns how long to wait before the next poll, None for at once."""
@@ -1846,28 +1953,37 @@ class Agent:
         finally:
             self._slots.release()
 
-    def _take_channel(self) -> HttpChannel:
+    def _take_channel(self, index: int) -> HttpChannel:
         with self._lock:
-            if self._idle_channels:
-                return self._idle_channels.pop()
-            channel = HttpChannel(self.endpoint, self.settings.poll_timeout_s)
+            idle = self._idle_channels.setdefault(index, [])
+            if idle:
+                return idle.pop()
+            channel = HttpChannel(self.servers.endpoints[index], self.settings.poll_timeout_s)
             self._all_channels.append(channel)
             return channel
 
-    def _return_channel(self, channel: HttpChannel) -> None:
+    def _return_channel(self, index: int, channel: HttpChannel) -> None:
         with self._lock:
-            self._idle_channels.append(channel)
+            self._idle_channels.setdefault(index, []).append(channel)
 
     def _post_result(self, run: TaskRun, result: JsonDict) -> None:
-        """Posts until the server takes the result or says it never will (404, 409)."""
+        """Posts until the server takes the result or says it never will (404, 409).
+
+        With several servers, a server that fails (unreachable, 5xx) hands the result over to
+        the next one at once; the backoff applies when every server failed in a row."""
         s = self.settings
+        servers = self.servers
         body = encode_result(result, s.max_result_bytes)
-        path = self.endpoint.path(f"{self.result_path}?id={run.id}")
         headers = dict(self.headers, **{"Content-Type": "application/json"})
         backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
         replaced = False
+        failed_in_row = 0  # servers that failed one after the other for this result
         while True:
-            channel = self._take_channel()
+            index = servers.current()
+            endpoint = servers.endpoints[index]
+            path = endpoint.path(f"{self.result_path}?id={run.id}")
+            channel = self._take_channel(index)
+            server_failed = False
             try:
                 reply = channel.request("POST", path, headers, body)
             except Aborted:
@@ -1878,9 +1994,10 @@ class Agent:
                 channel.close()
                 problem = describe_error(e)
                 reply = None
+                server_failed = True
             finally:
-                self._return_channel(channel)
-            delay = backoff.next_delay()
+                self._return_channel(index, channel)
+            delay: float | None = None if servers.several else backoff.next_delay()
             if reply is not None:
                 if 200 <= reply.status < 300:
                     log.debug("task %d: result posted", run.id)
@@ -1901,17 +2018,36 @@ class Agent:
                                         f"result: HTTP {reply.status} {message}"[:1000]})
                     replaced = True
                     continue
+                if delay is None:
+                    delay = backoff.next_delay()
                 if reply.status == 403:
                     delay = random.uniform(0.5, 1.0) * s.forbidden_backoff_s
                 elif reply.status == 429 and reply.retry_after_s is not None:
                     delay = max(delay, min(reply.retry_after_s, s.forbidden_backoff_s))
                 problem = f"HTTP {reply.status} {message}"
+                server_failed = reply.status >= 500
             if self._give_up_posting.is_set():
                 log.error("task %d: result not posted (%s) and the agent is stopping: result lost",
                           run.id, problem)
                 return
-            log.warning("task %d: result not posted (%s); retrying in %.1f s", run.id, problem, delay)
-            if self._give_up_posting.wait(delay):
+            if servers.several and server_failed:
+                failed_in_row += 1
+                new = servers.failed(index)
+                if failed_in_row % len(servers):
+                    log.warning("task %d: result not posted at %s (%s); moving to %s", run.id,
+                                endpoint.url, problem, servers.url(new))
+                    continue
+                delay = backoff.next_delay()
+                log.warning("task %d: result not posted at %s (%s); all %d servers failed, "
+                            "retrying at %s in %.1f s", run.id, endpoint.url, problem,
+                            len(servers), servers.url(new), delay)
+            else:
+                if delay is None:
+                    delay = backoff.next_delay()
+                failed_in_row = 0
+                log.warning("task %d: result not posted (%s); retrying in %.1f s", run.id, problem,
+                            delay)
+            if self._give_up_posting.wait(delay or 0.0):
                 log.error("task %d: result not posted (%s) and the agent is stopping: result lost",
                           run.id, problem)
                 return
@@ -2028,23 +2164,43 @@ def command_register(s: Settings, config_path: str, force: bool) -> int:
     except OSError as e:
         print(f"dutagent: cannot write the config file {config_path}: {os_error_message(e)}", file=sys.stderr)
         return 1
-    try:
-        endpoint = Endpoint(s.server, make_ssl_context(s.ca_file, s.insecure))
+    context = make_ssl_context(s.ca_file, s.insecure)
+    urls = split_servers(s.server)
+    for number, url in enumerate(urls, 1):
+        last = number == len(urls)
+        endpoint = Endpoint(url, context)
         channel = HttpChannel(endpoint, 30.0)
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-        if s.classic:
-            # The classic server reads only the query string.
-            query = urllib.parse.urlencode({"user": name, "pass": secret})
-            reply = channel.request("POST", endpoint.path("/agents?" + query), headers, b"")
-        else:
-            headers["Content-Type"] = "application/json"
-            body = json.dumps({"user": name, "pass": secret}).encode("utf-8")
-            reply = channel.request("POST", endpoint.path("/agents"), headers, body)
-        channel.close()
-    except (OSError, http.client.HTTPException, BadAnswer) as e:
-        remove_quietly(temp)
-        print(f"dutagent: cannot reach {s.server}: {describe_error(e)}", file=sys.stderr)
-        return 1
+        try:
+            # Several servers (one fleet): the first that can be reached and does not answer
+            # 5xx registers the agent. Only a failure to connect moves on: a registration
+            # that may have reached a server is not sent again.
+            try:
+                channel.open()
+            except (OSError, http.client.HTTPException) as e:
+                if last:
+                    raise
+                log.warning("cannot reach %s: %s; trying %s", url, describe_error(e), urls[number])
+                continue
+            headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+            if s.classic:
+                # The classic server reads only the query string.
+                query = urllib.parse.urlencode({"user": name, "pass": secret})
+                reply = channel.request("POST", endpoint.path("/agents?" + query), headers, b"")
+            else:
+                headers["Content-Type"] = "application/json"
+                body = json.dumps({"user": name, "pass": secret}).encode("utf-8")
+                reply = channel.request("POST", endpoint.path("/agents"), headers, body)
+        except (OSError, http.client.HTTPException, BadAnswer) as e:
+            remove_quietly(temp)
+            print(f"dutagent: cannot reach {url}: {describe_error(e)}", file=sys.stderr)
+            return 1
+        finally:
+            channel.close()
+        if reply.status >= 500 and not last:
+            log.warning("%s answered HTTP %d (%s); trying %s", url, reply.status, reply.message(),
+                        urls[number])
+            continue
+        break
     if not 200 <= reply.status < 300 or reply.says_error():
         remove_quietly(temp)
         explanations = {
@@ -2059,7 +2215,7 @@ def command_register(s: Settings, config_path: str, force: bool) -> int:
               file=sys.stderr)
         return 1
     os.replace(temp, config_path)
-    print(f"registered agent {name!r} at {s.server}; config written to {config_path}")
+    print(f"registered agent {name!r} at {url}; config written to {config_path}")
     program = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else ""
     command = f"{sys.executable} {program}" if program else "dutagent"
     print(f"start it with: {command} run --config {config_path}")

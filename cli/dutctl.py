@@ -4,6 +4,7 @@
 One file, standard library only (Python >= 3.9), so it can be copied anywhere.
 
     dutctl login URL --user NAME          password on stdin (prompted without echo on a terminal)
+                                          URL: one server, or a fleet's nodes as URL1,URL2
     dutctl agents                         name, online, last seen, version
     dutctl run TARGETS -- COMMAND         run a shell command, wait for the results, summarise them
     dutctl task TYPE TARGETS key=value …  any task type
@@ -170,6 +171,20 @@ def normalise_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def normalise_urls(text: str) -> str:
+    """A server URL, or the comma list of a fleet's nodes (`URL1,URL2`), each one normalised."""
+    urls: list[str] = []
+    for item in text.split(","):
+        if item.strip():
+            url = normalise_url(item)
+            if url not in urls:
+                urls.append(url)
+    if not urls:
+        raise CtlError(f"not a server URL: {text!r} (expected http://HOST:PORT or https://…)",
+                       EXIT_USAGE)
+    return ",".join(urls)
+
+
 @dataclass
 class Answer:
     status: int
@@ -177,20 +192,67 @@ class Answer:
     headers: Any
 
 
+class NotSent(Exception):
+    """The request never reached the server (no connection): safe to send to another node."""
+
+
 class Client:
-    """Talks to one server; turns every transport or protocol failure into a one-line CtlError."""
+    """Talks to a server; turns every transport or protocol failure into a one-line CtlError.
+
+    `url` may list several nodes of one fleet (`URL1,URL2`): the client uses the first that
+    answers, and moves on to the next for the rest of the command when one is unreachable or
+    answers 5xx. A session token is valid on every node.
+    """
 
     def __init__(self, url: str, token: str | None = None, cacert: str | None = None) -> None:
-        self.url = url
+        self.urls = [u for u in url.split(",") if u] or [url]
+        self.index = 0
         self.token = token
         try:
             self.ssl_context = ssl.create_default_context(cafile=cacert) if cacert else None
         except (OSError, ssl.SSLError) as e:
             raise CtlError(f"cannot use the CA certificate {cacert}: {e}", EXIT_USAGE) from e
 
+    @property
+    def url(self) -> str:
+        """The node in use."""
+        return self.urls[self.index]
+
     def send(self, method: str, path: str, *, query: dict[str, Any] | None = None,
              body: Any = None, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Answer:
-        url = self.url + path
+        # A submit that may have reached a node is not sent again (it could run twice);
+        # every other request is safe to repeat on another node.
+        repeatable = not (method == "POST" and path == "/api/v1/tasks")
+        for attempt in range(len(self.urls)):
+            last = attempt == len(self.urls) - 1
+            url = self.url
+            try:
+                answer = self._send_once(url, method, path, query, body, timeout_s)
+            except NotSent as e:
+                error = self.unreachable(e.args[0], timeout_s)
+                if last:
+                    raise error from e.__cause__
+                self._move_on(error.msg)
+                continue
+            except CtlError as e:
+                if last or not repeatable:
+                    raise
+                self._move_on(e.msg)
+                continue
+            if answer.status >= 500 and not last:
+                self._move_on(f"{url} answered HTTP {answer.status}")
+                continue
+            return answer
+        raise AssertionError("unreachable")
+
+    def _move_on(self, why: str) -> None:
+        """The node in use failed: the next one serves the rest of the command."""
+        self.index = (self.index + 1) % len(self.urls)
+        warn(f"{why}; trying {self.url}")
+
+    def _send_once(self, base_url: str, method: str, path: str, query: dict[str, Any] | None,
+                   body: Any, timeout_s: float) -> Answer:
+        url = base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json", "User-Agent": f"dutctl/{__version__}"}
@@ -209,7 +271,8 @@ class Client:
             with e:
                 return Answer(e.code, parse_body(e.read()), e.headers)
         except urllib.error.URLError as e:
-            raise self.unreachable(e.reason, timeout_s) from e
+            # urllib raises URLError for what fails while connecting and sending the request.
+            raise NotSent(e.reason) from e
         except (OSError, http.client.HTTPException) as e:
             raise self.unreachable(e, timeout_s) from e
 
@@ -278,18 +341,21 @@ def banned_message(answer: Answer) -> str:
     return f"too many failed logins from this address{when}"
 
 
-def session_client() -> Client:
-    """A client for the stored session, or for DUTCTL_URL + DUTCTL_TOKEN when both are set."""
+def session_client(args: argparse.Namespace | None = None) -> Client:
+    """A client for the stored session, or for DUTCTL_URL + DUTCTL_TOKEN when both are set;
+    --server names other nodes (of the same fleet) to use the token with."""
+    server = getattr(args, "server", None)
     env_token = os.environ.get("DUTCTL_TOKEN")
     session = load_session()
     if env_token:
-        url = os.environ.get("DUTCTL_URL") or (session.url if session else None)
+        url = server or os.environ.get("DUTCTL_URL") or (session.url if session else None)
         if not url:
             raise CtlError("DUTCTL_TOKEN is set but no server URL: set DUTCTL_URL too", EXIT_USAGE)
-        return Client(normalise_url(url), env_token, os.environ.get("DUTCTL_CACERT"))
+        return Client(normalise_urls(url), env_token, os.environ.get("DUTCTL_CACERT"))
     if session is None:
         raise CtlError("not logged in; run `dutctl login URL --user NAME`", EXIT_AUTH)
-    return Client(session.url, session.token, os.environ.get("DUTCTL_CACERT") or session.cacert)
+    url = normalise_urls(server) if server else session.url
+    return Client(url, session.token, os.environ.get("DUTCTL_CACERT") or session.cacert)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,7 +756,7 @@ def print_single(outcome: Outcome, task_type: str) -> None:
 def run_task(args: argparse.Namespace, target_spec: str, task: dict[str, Any]) -> int:
     wait_s = args.timeout if args.timeout is not None else DEFAULT_WAIT_S
     deadline = time.monotonic() + wait_s
-    client = session_client()
+    client = session_client(args)
     agents = fetch_agents(client, DEFAULT_REQUEST_TIMEOUT_S)
     targets = resolve_targets(target_spec, agents)
     if args.no_wait:
@@ -747,10 +813,11 @@ def read_password(user: str, url: str) -> str:
 
 def cmd_login(args: argparse.Namespace) -> int:
     previous = load_session()
-    url = args.url or os.environ.get("DUTCTL_URL") or (previous.url if previous else None)
+    url = (args.url or args.server or os.environ.get("DUTCTL_URL")
+           or (previous.url if previous else None))
     if not url:
         raise CtlError("which server? run `dutctl login URL --user NAME`", EXIT_USAGE)
-    url = normalise_url(url)
+    url = normalise_urls(url)
     user = args.user or (previous.user if previous and previous.url == url else None)
     if not user:
         raise CtlError("which account? add --user NAME", EXIT_USAGE)
@@ -803,7 +870,8 @@ def cmd_logout(args: argparse.Namespace) -> int:
         return EXIT_OK
     # Forget the token locally whatever the server says: the user asked for it to be gone.
     remove_session()
-    client = Client(session.url, session.token, session.cacert)
+    url = normalise_urls(args.server) if args.server else session.url
+    client = Client(url, session.token, session.cacert)
     timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
     try:
         answer = client.send("POST", "/logout", timeout_s=timeout_s)
@@ -823,7 +891,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    client = session_client()
+    client = session_client(args)
     agents = fetch_agents(client, args.timeout or DEFAULT_REQUEST_TIMEOUT_S)
     if args.json:
         emit_json({"error": False, "agents": agents})
@@ -908,7 +976,7 @@ def describe_result(task: dict[str, Any]) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    client = session_client()
+    client = session_client(args)
     timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
     if args.id is not None:
         task = client.call("GET", f"/api/v1/tasks/{args.id}", timeout_s=timeout_s).get("task")
@@ -947,7 +1015,7 @@ def print_task(task: dict[str, Any]) -> None:
 
 
 def cmd_selfreg(args: argparse.Namespace) -> int:
-    client = session_client()
+    client = session_client(args)
     timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
     if args.state is not None:
         enabled = args.state == "on"
@@ -1009,6 +1077,10 @@ def build_parser() -> ArgParser:
                         help=f"run/task: wait at most S seconds for results (default "
                              f"{DEFAULT_WAIT_S:g}); other commands: per request "
                              f"(default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    common.add_argument("--server", metavar="URLS", default=argparse.SUPPRESS,
+                        help="the server, or several nodes of one fleet as a comma list "
+                             "(URL1,URL2): the first that answers is used (default: the "
+                             "session's, or $DUTCTL_URL)")
 
     parser = ArgParser(prog="dutctl", parents=[common], description="Terminal client of dutserver.",
                        epilog="Exit status: 0 ok; 1 a target failed or timed out; 2 usage error or "
@@ -1026,7 +1098,8 @@ def build_parser() -> ArgParser:
 
     p = add("login", cmd_login, "log in; the password is read from stdin")
     p.add_argument("url", nargs="?", metavar="URL",
-                   help="server, e.g. https://dut.example:8080 (default: $DUTCTL_URL or the last one)")
+                   help="server, e.g. https://dut.example:8080, or the nodes of one fleet as a comma "
+                        "list (default: --server, $DUTCTL_URL or the last one)")
     p.add_argument("--user", "-u", metavar="NAME", help="admin account (default: the last one)")
     p.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for an https server")
 
@@ -1095,6 +1168,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     args.json = getattr(args, "json", False)
     args.timeout = getattr(args, "timeout", None)
+    args.server = getattr(args, "server", None)
     return args
 
 
