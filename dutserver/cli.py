@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
@@ -86,7 +87,13 @@ def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
         finally:
             await store.close()
     try:
-        return asyncio.run(run())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: the command line, no loop of its own running
+            return asyncio.run(run())
+        # Called from code that runs a loop (a test, say): a loop of its own, on a thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: asyncio.run(run())).result()
     except (OSError, RuntimeError) as exc:  # ConnectionError says which database, redacted
         _fail(str(exc) if isinstance(exc, ConnectionError)
               else f"cannot use the database {settings.db_path}: {exc}")
