@@ -37,6 +37,11 @@ def _hook() -> ModuleType:
 def _compiled_build() -> None:
     if os.environ.get("DUTSERVER_NATIVE") == "0":
         pytest.skip("DUTSERVER_NATIVE=0: this run is of the sources, interpreted")
+    build = str(ROOT / "build" / "native")
+    if FROM_SOURCES and build in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        pytest.fail(f"make test put {build} first on the path, yet this process imported the "
+                    "sources: something put the checkout ahead of it on sys.path before "
+                    "dutserver was first imported (a sys.path.insert(0, ROOT) in a test module?)")
     if FROM_SOURCES:
         pytest.skip("this run imports the sources, which run interpreted: `make test` runs "
                     "the suite on their compiled build (build/native)")

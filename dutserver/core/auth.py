@@ -21,6 +21,7 @@ from dutserver.core.credentials import (AGENT_PREFIX, DUMMY_HASH, MAX_SECRET, ch
                                         check_secret, hash_secret, load_key, new_session_token,
                                         parse_credentials, session_digest, verify_admin)
 from dutserver.core.errors import ApiError
+from dutserver.core.model import SessionRecord
 from dutserver.core.ports import AccountExists, Clock, Store
 from dutserver.core.throttle import Throttle
 
@@ -210,13 +211,18 @@ class Auth:
         return self._use(cast(str, digest), sess)
 
     async def _recheck(self, digest: str, sess: Session) -> None:
+        # No try/finally with a return inside: compiled, that released the store once too
+        # often (a crash a little later).
+        record: SessionRecord | None = None
+        failed = False
         try:
             record = await self.store.session(digest)
         except Exception:  # the store is away: the session ages out of the cache instead
             log.exception("reading session from the store failed")
+            failed = True
+        sess.rechecking = False
+        if failed:
             return
-        finally:
-            sess.rechecking = False
         if record is None:  # ended elsewhere
             if self.sessions.get(digest) is sess:
                 del self.sessions[digest]

@@ -151,7 +151,8 @@ class Dispatcher:
 
     def seen(self, slot: AgentSlot, address: str | None, version: str | None) -> int:
         """The agent was seen now (returned, wall time in ms) at address, saying version."""
-        now = slot.last_seen_ms = self.clock.now_ms()
+        now = self.clock.now_ms()
+        slot.last_seen_ms = now
         slot.address = address
         if version is not None:
             slot.version = version

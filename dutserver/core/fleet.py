@@ -38,7 +38,8 @@ class Fleet:
         if not self.fleet:
             return {n: is_online(n) for n in names}
         now = self.clock.now_ms()
-        elsewhere = {r.name for r in await self.store.agents(False)
+        records = await self.store.agents(False)
+        elsewhere = {r.name for r in records
                      if r.online_until_ms is not None and r.online_until_ms > now}
         return {n: is_online(n) or n in elsewhere for n in names}
 

@@ -1,4 +1,8 @@
-"""PROTOCOL part 2: the native API under /api/v1/. Parse, one call into the core, shape."""
+"""PROTOCOL part 2: the native API under /api/v1/. Parse, one call into the core, shape.
+
+Compiled (dutserver/native.py): never `await` inside a dict or list display (`ok({"x": await
+…})`): mypyc 1.20 keeps the half-built display across the suspension with a reference too few,
+and the server crashed a little later. Await into a local first."""
 
 from __future__ import annotations
 
@@ -103,19 +107,22 @@ async def list_agent_status(req: Request) -> Reply:
     its last inventory."""
     await require_admin(req)
     with_inventory = req.query.get("inventory", "1") not in ("0", "false", "no")
-    return ok({"agents": await req.services.fleet.statuses(with_inventory)})
+    agents = await req.services.fleet.statuses(with_inventory)
+    return ok({"agents": agents})
 
 
 async def get_agent(req: Request) -> Reply:
     """One agent's status and inventory."""
     await require_admin(req)
-    return ok({"agent": await req.services.fleet.status(req.path_params["name"])})
+    agent = await req.services.fleet.status(req.path_params["name"])
+    return ok({"agent": agent})
 
 
 async def list_accounts(req: Request) -> Reply:
     """All accounts: name, type, creation and change times."""
     await require_admin(req)
-    return ok({"accounts": await req.services.accounts.listing()})
+    accounts = await req.services.accounts.listing()
+    return ok({"accounts": accounts})
 
 
 async def add_account(req: Request) -> Reply:
@@ -153,7 +160,8 @@ async def audit_log(req: Request) -> Reply:
     await require_admin(req)
     limit = int_param(req, "limit", 100, minimum=1, maximum=1000)
     before = int_param(req, "before_id", None, minimum=0, maximum=MAX_ID)
-    return ok({"events": await req.services.accounts.audit_events(before, limit or 100)})
+    events = await req.services.accounts.audit_events(before, limit or 100)
+    return ok({"events": events})
 
 
 def routes() -> list[Route]:

@@ -159,13 +159,17 @@ def agent_inventory(conn: sqlite3.Connection, name: str, inventory_json: str) ->
 
 def agents(conn: sqlite3.Connection, with_inventory: bool,
            name: str | None = None) -> list[AgentRecord]:
-    inventory = "s.inventory" if with_inventory else "NULL"
-    sql = f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory}, "
-    sql += "s.online_until_ms "
-    sql += "FROM accounts a LEFT JOIN agents s ON s.name = a.name WHERE a.type = 'agent'"
+    sql = _AGENTS_WITH_INVENTORY if with_inventory else _AGENTS
     rows = (conn.execute(sql + " AND a.name = ?", (name,)) if name is not None
             else conn.execute(sql + " ORDER BY a.name"))
-    return [AgentRecord(*row) for row in rows]
+    return [AgentRecord(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+_AGENTS_SELECT = ("SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {}, "
+                  "s.online_until_ms FROM accounts a LEFT JOIN agents s ON s.name = a.name "
+                  "WHERE a.type = 'agent'")
+_AGENTS_WITH_INVENTORY = _AGENTS_SELECT.format("s.inventory")
+_AGENTS = _AGENTS_SELECT.format("NULL")
 
 
 def audit_rows(conn: sqlite3.Connection, before_id: int | None,
