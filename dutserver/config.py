@@ -90,6 +90,7 @@ class Settings:
 
 
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+_PATHS = frozenset({"db_path", "tls_cert", "tls_key", "key_file"})
 
 
 def redact_url(url: str) -> str:
@@ -102,7 +103,7 @@ def _coerce(name: str, value: Any) -> Any:
     kind = SETTING_FIELDS[name].type
     if value is None:
         return None
-    if "Path" in str(kind):
+    if name in _PATHS:  # by name: compiled, a field's type is not the annotation's text
         return Path(value)
     if kind in ("float", float):
         return float(value)
