@@ -65,7 +65,8 @@ def submit(srv: RunningServer, token: str, targets: str, task: dict[str, Any],
 def test_a_round_trip_across_three_nodes(fleet: Fleet) -> None:
     """Submit on A, the agent parked on B, its result posted to C: the blocking submit on A
     answers with it, and every node shows the task done."""
-    a, b, c = fleet.node(), fleet.node(), fleet.node()
+    # A poll outlives the wait until other nodes see its agent online (a sweep or two).
+    a, b, c = (fleet.node("--poll-timeout-s", "10") for _ in range(3))
     fleet.agent("pc1")
     token = a.login()
     polled: dict[str, Any] = {}
