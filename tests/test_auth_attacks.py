@@ -1,5 +1,6 @@
-"""Auth attacks not covered elsewhere: timing of wrong user vs wrong password, the shape and
-randomness of session tokens, and agent credentials never passing for a session.
+"""Auth attacks not covered elsewhere: the shape and randomness of session tokens, and agent
+credentials never passing for a session. (That a wrong name costs what a wrong password costs is
+asserted by counting the work, not timing it: test_core_auth.py.)
 
 (Bans, expiry, logout and cross-agent tasks are in test_fixes.py and test_classic_api.py.)"""
 
@@ -7,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
-import time
 from collections.abc import Iterator
 from urllib.parse import urlencode
 
@@ -26,42 +25,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     server.add_account("pc1", "agent", SECRET)
     yield server
     server.stop()
-
-
-def median_s(srv: RunningServer, method: str, path: str, headers: dict[str, str] | None = None,
-             rounds: int = 15) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        status, _, _ = http(method, f"{srv.url}{path}", headers=headers)
-        times.append(time.perf_counter() - start)
-        assert status == 403, (path, status)
-    return statistics.median(times)
-
-
-def test_wrong_user_and_wrong_password_take_the_same_time(srv: RunningServer) -> None:
-    def login(user: str) -> str:
-        return "/login?" + urlencode({"user": user, "pass": "not-the-password"})
-
-    median_s(srv, "GET", login("admin"), rounds=3)  # warm-up
-    wrong_password = median_s(srv, "GET", login("admin"))
-    unknown_user = median_s(srv, "GET", login("no-such-user"))
-    agent_account = median_s(srv, "GET", login("pc1"))
-    # An argon2 verification takes tens of ms; skipping it for unknown names would show as a
-    # ratio of 10 or more. Within a factor of 2 is the same time, give or take scheduling.
-    for other in (unknown_user, agent_account):
-        assert 0.5 < other / wrong_password < 2, (wrong_password, unknown_user, agent_account)
-    print(f"login failures, median: wrong password {wrong_password * 1000:.1f} ms, "
-          f"unknown user {unknown_user * 1000:.1f} ms, agent account {agent_account * 1000:.1f} ms")
-
-
-def test_wrong_agent_and_wrong_secret_take_the_same_time(srv: RunningServer) -> None:
-    median_s(srv, "GET", "/tasks", basic("pc1", "wrong-secret-0123456789"), rounds=3)
-    wrong_secret = median_s(srv, "GET", "/tasks", basic("pc1", "wrong-secret-0123456789"), 30)
-    unknown = median_s(srv, "GET", "/tasks", basic("nobody", "wrong-secret-0123456789"), 30)
-    admin = median_s(srv, "GET", "/tasks", basic("admin", "adminpass1"), 30)
-    for other in (unknown, admin):
-        assert 0.5 < other / wrong_secret < 2, (wrong_secret, unknown, admin)
 
 
 def test_session_tokens_are_long_random_and_distinct(srv: RunningServer) -> None:

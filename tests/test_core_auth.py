@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
 
 from core_support import ADDRESS, ADMIN_PASSWORD, AGENT_SECRET, Node, spin, start_node
 from dutserver.core.accounts import Accounts
@@ -54,6 +56,58 @@ async def test_an_agent_added_on_another_process_is_accepted(tmp_path: Path) -> 
     a, b = await two_nodes(tmp_path)
     await b.auth.create_account("agent9", "agent", AGENT_SECRET, "admin", None)
     assert await a.auth.agent(f"agent9:{AGENT_SECRET}", ADDRESS) == "agent9"
+
+
+def record_store_calls(store: FakeStore) -> list[str]:
+    """The names of the store's methods as the core calls them, in order (the core reaches the
+    store through its attributes, so wrapping them on the instance sees every call)."""
+    calls: list[str] = []
+    for name in dir(store):
+        method = getattr(store, name)
+        if name.startswith("_") or not callable(method):
+            continue
+
+        def wrapper(*args: Any, _name: str = name, _method: Any = method, **kw: Any) -> Any:
+            calls.append(_name)
+            return _method(*args, **kw)
+        setattr(store, name, wrapper)
+    return calls
+
+
+async def test_an_unknown_agent_and_a_wrong_secret_do_the_same_work(tmp_path: Path) -> None:
+    """What an attacker could time: both failures read the store the same way and leave the same
+    trace (the HMAC is computed for either; no early return for a name that does not exist)."""
+    node = await start_node(tmp_path, ban_failures=1000)
+    calls = record_store_calls(node.store)
+    traces = []
+    for header in (WRONG_HEADER, f"nobody:{AGENT_SECRET}", f"admin:{ADMIN_PASSWORD}"):
+        calls.clear()
+        await refused(node.auth.agent(header, ADDRESS), 403)
+        traces.append(list(calls))
+    assert traces[0] == traces[1] == traces[2], traces
+    assert "audit" in traces[0]  # each is recorded as a failure
+
+
+async def test_a_wrong_login_name_costs_one_argon2_verification_like_a_wrong_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping the (slow on purpose) hash for unknown names would tell which names exist."""
+    node = await start_node(tmp_path, ban_failures=1000)
+    verified: list[str] = []
+    real_verify = PasswordHasher.verify
+
+    def counting_verify(self: PasswordHasher, stored: Any, password: Any) -> Any:
+        verified.append(password)
+        return real_verify(self, stored, password)
+    monkeypatch.setattr(PasswordHasher, "verify", counting_verify)
+    calls = record_store_calls(node.store)
+    traces = []
+    for user in ("admin", "no-such-user", "agent1"):
+        verified.clear()
+        calls.clear()
+        await refused(node.auth.login(user, "not-the-password", ADDRESS), 403)
+        assert verified == ["not-the-password"], user
+        traces.append(list(calls))
+    assert traces[0] == traces[1] == traces[2], traces
 
 
 async def test_failures_ban_an_agent_from_that_address_on_every_process(tmp_path: Path) -> None:

@@ -176,7 +176,9 @@ class Auth:
         if not isinstance(user, str) or not isinstance(password, str) or not user:
             raise ApiError(403, "Invalid credentials")
         self.throttle.check(user, address)
-        await self.knows([user])
+        # Always, not only for a name not in memory: a store read for unknown names alone would
+        # tell them apart by time. It also makes a password changed on another node count at once.
+        await self.refresh()
         acc = self.accounts.get(user)
         is_admin = acc is not None and acc.kind == "admin"
         stored = acc.secret_hash if (acc is not None and is_admin) else DUMMY_HASH
