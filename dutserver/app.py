@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 
 from dutserver import native
 from dutserver.config import Settings
-from dutserver.core.clock import SystemClock
+from dutserver.core.clock import Clock
 from dutserver.core.services import build_services
 from dutserver.http.asgi import build_asgi, fixed_endpoints
 from dutserver.http.openapi import build_openapi
@@ -33,7 +33,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store, notifier = create_store(settings)
         await store.open()
-        services = build_services(settings, store, notifier, SystemClock())
+        services = build_services(settings, store, notifier, Clock())
         services.openapi = openapi
         await services.start()
         app.state.services = services  # server.py ends parked polls through it at SIGTERM

@@ -15,7 +15,7 @@ import click
 from dutserver import __version__
 from dutserver.config import SETTING_FIELDS, Settings, load_settings
 from dutserver.core.auth import Auth
-from dutserver.core.clock import SystemClock, now_ms
+from dutserver.core.clock import Clock, now_ms
 from dutserver.core.credentials import check_name, check_secret, hash_secret, load_key
 from dutserver.core.errors import ApiError
 from dutserver.core.ports import AccountExists, Store
@@ -63,7 +63,7 @@ def server(port: int, database: str, config_file: Path | None, **flags: Any) -> 
         _fail(str(exc))
     # Fail here, with one clear line, if the store is unusable or the key is not its key.
     try:
-        _with_store(settings, lambda store: Auth(settings, store, SystemClock()).check_key())
+        _with_store(settings, lambda store: Auth(settings, store, Clock()).check_key())
     except ValueError as exc:
         _fail(str(exc))
     server_module.run(settings)

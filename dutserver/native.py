@@ -30,8 +30,8 @@ from pathlib import Path
 COMPILED = (
     "config.py",
     "core/auth.py", "core/clock.py", "core/codec.py", "core/credentials.py",
-    "core/dispatcher.py", "core/errors.py", "core/fleet.py", "core/model.py", "core/tasks.py",
-    "core/throttle.py", "core/views.py", "core/waiting.py",
+    "core/dispatcher.py", "core/errors.py", "core/fleet.py", "core/model.py", "core/notify.py",
+    "core/services.py", "core/tasks.py", "core/throttle.py", "core/views.py", "core/waiting.py",
     "http/answer.py", "http/direct.py", "http/endpoint.py", "http/protocol.py",
     "http/request.py",
     "routes/api.py", "routes/classic.py",

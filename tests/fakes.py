@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dutserver.core.clock import Clock
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord, Task,
                                   TaskFilter, TaskRecord)
 from dutserver.core.ports import AccountExists
@@ -34,7 +35,7 @@ class FakeTimer:
         self.cancelled = True
 
 
-class FakeClock:
+class FakeClock(Clock):
     """Wall and monotonic time that move only in `advance`, which runs the timers that fall due,
     in order of their due time (then of their creation), each at its own time."""
 

@@ -52,7 +52,7 @@ def test_a_slow_task_does_not_block_a_fast_one(
         wait_until(lambda: admin.task(slow)["state"] == "delivered")
         started = time.monotonic()
         assert admin.run("busy", {"type": "ping"})["pong"] is True
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.8  # before the 2 s task ends
         assert admin.task(slow)["state"] == "delivered"  # still running
         # SIGINT (Ctrl-C) stops like SIGTERM; a second one skips the grace period.
         agent.proc.send_signal(signal.SIGINT)

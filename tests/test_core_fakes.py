@@ -8,11 +8,22 @@ import inspect
 import pytest
 
 from dutserver.core.model import Task
-from dutserver.core.ports import Clock, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import Store
 from fakes import CommitFailed, FakeClock, FakeHangup, FakeStore
 
 
-@pytest.mark.parametrize(("port", "fake"), [(Store, FakeStore), (Clock, FakeClock)])
+def test_the_fake_clock_overrides_every_method_of_the_clock() -> None:
+    """FakeClock subclasses the real one (a class, core/clock.py): a method it forgot would
+    read the system's time in the middle of a test."""
+    for name in ("now_ms", "monotonic", "call_later"):
+        assert hasattr(Clock, name)
+        assert name in vars(FakeClock), name
+    assert {n for n in dir(Clock) if not n.startswith("_")} == {"now_ms", "monotonic",
+                                                                 "call_later"}
+
+
+@pytest.mark.parametrize(("port", "fake"), [(Store, FakeStore)])
 def test_fakes_have_every_method_of_their_port(port: type, fake: type) -> None:
     for name, fn in vars(port).items():
         if name.startswith("_") or not callable(fn):

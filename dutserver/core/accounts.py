@@ -11,7 +11,8 @@ from typing import Any
 from dutserver.core.auth import Auth
 from dutserver.core.credentials import check_secret, hash_secret
 from dutserver.core.errors import ApiError
-from dutserver.core.ports import Clock, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import Store
 from dutserver.core.tasks import Tasks
 from dutserver.core.views import iso
 

@@ -22,7 +22,8 @@ from dutserver.core.credentials import (AGENT_PREFIX, DUMMY_HASH, MAX_SECRET, ch
                                         parse_credentials, session_digest, verify_admin)
 from dutserver.core.errors import ApiError
 from dutserver.core.model import SessionRecord
-from dutserver.core.ports import AccountExists, Clock, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import AccountExists, Store
 from dutserver.core.throttle import Throttle
 
 log = logging.getLogger("dutserver.auth")

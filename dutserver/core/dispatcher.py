@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 
 from dutserver.core.model import Task, TaskState
-from dutserver.core.ports import Clock
+from dutserver.core.clock import Clock
 
 
 class Poll:

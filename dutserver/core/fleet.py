@@ -11,7 +11,8 @@ from dutserver.core.auth import Auth
 from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.errors import unknown_agent
 from dutserver.core.model import AgentRecord
-from dutserver.core.ports import Clock, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import Store
 from dutserver.core.views import iso
 
 

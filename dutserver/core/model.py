@@ -3,7 +3,7 @@ the store gives back (core/ports.py): plain data, no SQL."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -21,24 +21,40 @@ FINAL_STATES = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
                           TaskState.EXPIRED})
 
 
-@dataclass(slots=True, eq=False)
 class Task:
-    id: int
-    agent: str
-    type: str
-    payload: dict[str, Any]
-    submitted_by: str
-    created_ms: int
-    expires_ms: int
-    state: TaskState = TaskState.QUEUED
-    delivered_ms: int | None = None
-    finished_ms: int | None = None
-    result: dict[str, Any] | None = None
-    delivered_by: str | None = None  # the node that handed it over (its recovery ends it)
-    payload_json: str = field(default="", repr=False)  # as stored, encoded once
-    # The blocking submit waiting for this task's result, if any (tasks._Waiting).
-    waiter: Any = field(default=None, repr=False)
-    stored: bool = field(default=False, repr=False)  # its insert has been queued (store.py)
+    """One task in memory. A plain class with its own __init__, not a dataclass: compiled, a
+    dataclass's generated __init__ stays interpreted, and one Task is made per round trip."""
+
+    __slots__ = ("id", "agent", "type", "payload", "submitted_by", "created_ms", "expires_ms",
+                 "state", "delivered_ms", "finished_ms", "result", "delivered_by",
+                 "payload_json", "waiter", "stored")
+
+    def __init__(self, id: int, agent: str, type: str, payload: dict[str, Any],
+                 submitted_by: str, created_ms: int, expires_ms: int,
+                 state: TaskState = TaskState.QUEUED, delivered_ms: int | None = None,
+                 finished_ms: int | None = None, result: dict[str, Any] | None = None,
+                 delivered_by: str | None = None, payload_json: str = "",
+                 waiter: Any = None, stored: bool = False) -> None:
+        self.id = id
+        self.agent = agent
+        self.type = type
+        self.payload = payload
+        self.submitted_by = submitted_by
+        self.created_ms = created_ms
+        self.expires_ms = expires_ms
+        self.state = state
+        self.delivered_ms = delivered_ms
+        self.finished_ms = finished_ms
+        self.result = result
+        self.delivered_by = delivered_by  # the node that handed it over (its recovery ends it)
+        self.payload_json = payload_json  # as stored, encoded once
+        # The blocking submit waiting for this task's result, if any (core/waiting.py).
+        self.waiter = waiter
+        self.stored = stored  # its insert has been queued (the store's writer)
+
+    def __repr__(self) -> str:
+        return (f"Task(id={self.id!r}, agent={self.agent!r}, type={self.type!r}, "
+                f"state={self.state.value!r}, delivered_by={self.delivered_by!r})")
 
 
 @dataclass(slots=True)

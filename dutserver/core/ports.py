@@ -1,4 +1,5 @@
-"""What the core needs from outside, as typing.Protocols: a Store, a Notifier, a Clock.
+"""What the core needs from outside, as typing.Protocols: a Store, a Notifier (and the Clock,
+a class in core/clock.py: the one port called so often that it must be a compiled call).
 
 The core (tasks, polls, auth, accounts, fleet) only ever calls these; dutserver/store/ implements
 Store and Notifier (SQLite now: the notifier in-process; PostgreSQL: LISTEN/NOTIFY), core/clock.py
@@ -183,14 +184,3 @@ class Notifier(Protocol):
 
 class Timer(Protocol):
     def cancel(self) -> None: ...
-
-
-class Clock(Protocol):
-    """Wall time for what is stored, monotonic time for what is measured, and timers: a fake
-    one lets the core tests run timeouts, expiries and bans without sleeping."""
-
-    def now_ms(self) -> int: ...
-
-    def monotonic(self) -> float: ...
-
-    def call_later(self, delay_s: float, fn: Callable[..., object], *args: Any) -> Timer: ...

@@ -11,7 +11,8 @@ from dutserver.core.accounts import Accounts
 from dutserver.core.auth import Auth
 from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.fleet import Fleet
-from dutserver.core.ports import Clock, Notifier, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import Notifier, Store
 from dutserver.core.tasks import Tasks
 
 

@@ -25,7 +25,8 @@ from dutserver.core.auth import Auth
 from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.errors import ApiError, unknown_agent
 from dutserver.core.model import FINAL_STATES, Task, TaskFilter, TaskState
-from dutserver.core.ports import Clock, Notifier, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import Notifier, Store
 from dutserver.core.sharing import Sharing
 from dutserver.core.views import record_view, task_view
 from dutserver.core.waiting import TIMED_OUT, Hangup, ParkedPoll, Waiting

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dutserver.config import Settings
 from dutserver.core.errors import ApiError
-from dutserver.core.ports import Clock, Store
+from dutserver.core.clock import Clock
+from dutserver.core.ports import Store
 
 
 def ban_key(account: str | None, address: str) -> str:
