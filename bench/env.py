@@ -24,6 +24,7 @@ from bench.actors import (
 )
 from bench.drive import Window
 from bench.loadgen import Connection, Target
+from bench.pg import fresh_database
 from bench.profile import ServerProfile
 from bench.servers import BENCH_ADMIN, ServerProcess, dutserver, workdir
 
@@ -43,6 +44,9 @@ class Env:
     keep_workdir: bool = False
     profile_dir: Path | None = None  # with py_spy: where server profiles of load windows go
     py_spy: str | None = None
+    # A PostgreSQL server (postgresql://user@host:port/any): each scenario's server then runs
+    # on a fresh database there (bench/pg.py) instead of a fresh SQLite file.
+    db: str | None = None
 
     @property
     def external(self) -> bool:
@@ -54,14 +58,39 @@ class Env:
         if self.url is not None:
             yield Handle(self, Target.from_url(self.url), None)
             return
+        async with self.nodes(1, *extra_args) as handles:
+            yield handles[0]
+
+    @contextlib.asynccontextmanager
+    async def database(self) -> AsyncIterator[str | None]:
+        """A fresh PostgreSQL database for one scenario (dropped after), or None: SQLite."""
+        if self.db is None:
+            yield None
+            return
+        async with fresh_database(self.db) as url:
+            yield url
+
+    @contextlib.asynccontextmanager
+    async def nodes(self, count: int, *extra_args: str) -> AsyncIterator[list[Handle]]:
+        """count fresh dutservers on one new database (several need PostgreSQL: --db), each
+        with its own node name, started one after the other."""
+        if count > 1 and self.db is None:
+            raise BenchError("several nodes share one PostgreSQL database: give --db")
         tmp = workdir()
-        proc = dutserver(tmp, *self.server_args, *extra_args)
+        procs: list[ServerProcess] = []
         try:
-            await proc.start()
-            yield Handle(self, proc.target, proc)
+            async with self.database() as url:
+                try:
+                    for _ in range(count):
+                        proc = dutserver(tmp, *self.server_args, *extra_args, db=url)
+                        procs.append(proc)
+                        await proc.start()
+                    yield [Handle(self, p.target, p, url) for p in procs]
+                finally:
+                    for proc in procs:
+                        if proc.running:
+                            await proc.stop()
         finally:
-            if proc.running:
-                await proc.stop()
             if not self.keep_workdir:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -73,6 +102,7 @@ class Handle:
     env: Env
     target: Target
     process: ServerProcess | None  # None for an external server: no restart, no RSS
+    database: str | None = None  # the PostgreSQL database's URL, when it runs on one
 
     async def token(self) -> str:
         return await login(self.target, *self.env.admin)

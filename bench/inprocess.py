@@ -24,7 +24,7 @@ from typing import Any
 import uvloop
 
 from dutserver.config import Settings
-from dutserver.core.clock import SystemClock
+from dutserver.core.clock import Clock
 from dutserver.core.credentials import hash_secret
 from dutserver.core.services import Services, build_services
 from dutserver.http.answer import Reply
@@ -61,7 +61,7 @@ async def hot_path(db_path: Path, agents: int, **settings: Any) -> HotPath:
     db, notifier = create_store(s)
     assert isinstance(db, SqliteStore)
     await db.open()
-    services = build_services(s, db, notifier, SystemClock())
+    services = build_services(s, db, notifier, Clock())
     auth = services.auth
     for i in range(agents):
         await db.add_account(f"a{i}", "agent",

@@ -3,6 +3,7 @@
     python -m bench.run                      # default sizes, whole run well under 5 minutes
     python -m bench.run --full               # issue sizes: 10,000 idle agents, 15 s load runs
     python -m bench.run --url http://host:port --admin user:pass   # any dutserver-compatible server
+    python -m bench.run --db postgresql://postgres@127.0.0.1/postgres   # on PostgreSQL; `nodes` too
 
 Servers run under `taskset -c 0`, this generator on core 1. Progress goes to stderr.
 """
@@ -24,10 +25,11 @@ from bench.durable import DurableSizes, durable
 from bench.env import run_on_uvloop, Env, log
 from bench.fanout import FanoutSizes, fanout
 from bench.idle import IdleSizes, idle
+from bench.nodes import NodesSizes, nodes
 from bench.servers import pin_generator, raise_fd_limit
 from bench.throughput import ThroughputSizes, calibrate, roundtrip
 
-SCENARIOS = ["calibrate", "roundtrip", "idle", "fanout", "durable"]
+SCENARIOS = ["calibrate", "roundtrip", "idle", "fanout", "durable", "nodes"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fanout-rounds", type=int, default=None)
     p.add_argument("--durable-agents", type=int, default=None)
     p.add_argument("--durable-tasks-per-agent", type=int, default=None)
+    p.add_argument("--db", metavar="URL",
+                   help="a PostgreSQL server (postgresql://user@host:port/db): every scenario "
+                        "runs on a fresh database there (created, then dropped) instead of a "
+                        "fresh SQLite file; `nodes` needs it")
+    p.add_argument("--nodes-agents", type=int, default=None, help="nodes: answering agents")
+    p.add_argument("--nodes-rate", type=float, default=None,
+                   help="nodes: round trips/s offered")
+    p.add_argument("--herd-agents", type=int, default=None,
+                   help="nodes: agents parked over both nodes for the restart herd")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every dutserver started (repeatable), "
                         "e.g. --server-arg=--poll-timeout-s --server-arg=26")
@@ -83,7 +94,7 @@ def _pick(value: Any, default: Any) -> Any:
 
 
 def sizes_from(args: argparse.Namespace) -> tuple[ThroughputSizes, IdleSizes, FanoutSizes,
-                                                  DurableSizes]:
+                                                  DurableSizes, NodesSizes]:
     full = args.full
     tp = ThroughputSizes()
     tp.warmup_s = _pick(args.warmup, tp.warmup_s)
@@ -92,12 +103,17 @@ def sizes_from(args: argparse.Namespace) -> tuple[ThroughputSizes, IdleSizes, Fa
     tp.agents = _pick(args.agents, tp.agents)
     tp.clients = _pick(args.clients, tp.clients)
     idle_sizes = IdleSizes(agents=_pick(args.idle_agents, 10_000 if full else IdleSizes.agents))
+    nodes_sizes = NodesSizes(
+        agents=_pick(args.nodes_agents, NodesSizes.agents),
+        rate_per_s=_pick(args.nodes_rate, NodesSizes.rate_per_s),
+        warmup_s=tp.warmup_s, duration_s=tp.duration_s,
+        herd_agents=_pick(args.herd_agents, 10_000 if full else NodesSizes.herd_agents))
     fan = FanoutSizes(agents=_pick(args.fanout_agents, FanoutSizes.agents),
                       repeats=_pick(args.fanout_rounds, FanoutSizes.repeats))
     dur = DurableSizes(agents=_pick(args.durable_agents, DurableSizes.agents),
                        tasks_per_agent=_pick(args.durable_tasks_per_agent,
                                              DurableSizes.tasks_per_agent))
-    return tp, idle_sizes, fan, dur
+    return tp, idle_sizes, fan, dur, nodes_sizes
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -108,11 +124,12 @@ async def main(args: argparse.Namespace) -> int:
     log(f"file descriptor limit {raise_fd_limit()}")
     admin = tuple(args.admin.split(":", 1)) if args.admin else None
     env = Env(url=args.url, classic_agents=args.classic_agents, server_args=args.server_arg,
+              db=args.db,
               calibrate_per_s=args.calibrate_per_s, keep_workdir=args.keep_workdir,
               profile_dir=args.profile_dir, py_spy=args.py_spy)
     if admin is not None:
         env.admin = (admin[0], admin[1])
-    tp, idle_sizes, fan, dur = sizes_from(args)
+    tp, idle_sizes, fan, dur, nodes_sizes = sizes_from(args)
     wanted = args.scenarios.split(",")
     runs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
         "calibrate": lambda: calibrate(tp, args.calibrate_url),
@@ -120,6 +137,7 @@ async def main(args: argparse.Namespace) -> int:
         "idle": lambda: idle(env, idle_sizes),
         "fanout": lambda: fanout(env, fan),
         "durable": lambda: durable(env, dur),
+        "nodes": lambda: nodes(env, nodes_sizes),
     }
     failed = 0
     for rep in range(args.repeat):

@@ -175,13 +175,19 @@ def calibrate_server(tmp: Path) -> ServerProcess:
     return ServerProcess(cmd, port, "/", tmp / "calibrate.log")
 
 
-def dutserver(tmp: Path, *extra_args: str) -> ServerProcess:
-    """A dutserver on a fresh database with the bench admin account."""
-    db = tmp / "dut.db"
-    if not db.exists():
-        subprocess.run([PYTHON, "-m", "dutserver", "addaccount", str(db), BENCH_ADMIN[0], "admin"],
-                       input=BENCH_ADMIN[1] + "\n", text=True, check=True, capture_output=True,
-                       cwd=ROOT, timeout=60)
+def dutserver(tmp: Path, *extra_args: str, db: str | None = None) -> ServerProcess:
+    """A dutserver on a fresh database with the bench admin account: an SQLite file in tmp, or
+    the PostgreSQL database of the URL db (made by bench/pg.py; the key file stays in tmp, so
+    several servers started with the same tmp share it, as the nodes of one fleet must)."""
+    database = db if db is not None else str(tmp / "dut.db")
+    key = ["--key-file", str(tmp / "dut.key")] if db is not None else []
+    marker = tmp / ".admin-added"
+    if not marker.exists():
+        subprocess.run([PYTHON, "-m", "dutserver", "addaccount", database, BENCH_ADMIN[0],
+                        "admin"], input=BENCH_ADMIN[1] + "\n", text=True, check=True,
+                       capture_output=True, cwd=ROOT, timeout=60,
+                       env=dict(os.environ, **({"DUTSERVER_KEY_FILE": key[1]} if key else {})))
+        marker.touch()
     port = free_port()
-    cmd = [PYTHON, "-m", "dutserver", "server", str(port), str(db), *extra_args]
-    return ServerProcess(cmd, port, "/readyz", tmp / "dutserver.log")
+    cmd = [PYTHON, "-m", "dutserver", "server", str(port), database, *key, *extra_args]
+    return ServerProcess(cmd, port, "/readyz", tmp / f"dutserver-{port}.log")
