@@ -34,6 +34,14 @@ from dutserver.store.postgres_schema import migrate
 from dutserver.store.postgres_sql import LOST
 
 log = logging.getLogger("dutserver.store")
+
+
+async def _no_reset(conn: Any) -> None:
+    """The pool's connections only ever run single reads (no session state to undo), so
+    asyncpg's reset on release (a round trip to the server, on every read's way back) is
+    skipped."""
+
+
 def unavailable(exc: BaseException) -> ApiError:
     log.error("database unavailable: %s", type(exc).__name__)
     return ApiError(503, "database unavailable")
@@ -76,7 +84,8 @@ class PostgresStore:
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size)
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
+                                                   reset=_no_reset)
             async with self._pool.acquire() as conn:
                 await migrate(conn)
                 now = wall_ms()
@@ -175,31 +184,41 @@ class PostgresStore:
             log.error("database still unavailable: %s", type(exc).__name__)
 
     async def _run(self, batch: _Batch) -> tuple[set[int], list[Any]]:
-        """The batch in one transaction: the compare-and-sets that won, the ops' values."""
+        """The batch in one transaction (one statement unless it has ops): the compare-and-sets
+        that won, the ops' values."""
         conn = self._writer
         if conn is None or conn.is_closed():
             await self._reconnect()
             conn = self._writer
+        present, args = "", []
+        if batch.inserts:
+            present += "i"
+            args += pgsql.columns(batch.inserts.values(), 12)
+        plain = [r for i, r in batch.updates.items() if i not in batch.expected]
+        if plain:
+            present += "u"
+            args += pgsql.update_columns(plain)
+        checked = [r for i, r in batch.updates.items() if i in batch.expected]
+        if checked:
+            present += "c"
+            args += [*pgsql.update_columns(checked), [batch.expected[r[0]] for r in checked]]
+        if batch.audits:
+            present += "a"
+            args += pgsql.columns(batch.audits, 5)
+        if batch.notifies:
+            present += "n"
+            args += [CHANNEL, list(batch.notifies)]
         won: set[int] = set()
         values: list[Any] = []
+        if not batch.ops:  # the usual batch: one statement, its own transaction
+            if present:
+                won = set((await conn.fetchrow(pgsql.combined(present), *args))["won"])
+            return won, values
         async with conn.transaction():
-            if batch.inserts:
-                await conn.execute(pgsql.INSERT, *pgsql.columns(batch.inserts.values(), 12))
-            plain = [r for i, r in batch.updates.items() if i not in batch.expected]
-            if plain:
-                await conn.execute(pgsql.UPDATE, *pgsql.update_columns(plain))
-            checked = [r for i, r in batch.updates.items() if i in batch.expected]
-            if checked:
-                rows = await conn.fetch(pgsql.UPDATE_IF, *pgsql.update_columns(checked),
-                                        [batch.expected[r[0]] for r in checked])
-                won = {r[0] for r in rows}
-            if batch.audits:
-                await conn.execute(pgsql.AUDIT, *pgsql.columns(batch.audits, 5))
-            for fn, args, _ in batch.ops:
-                values.append(await fn(conn, *args))
-            if batch.notifies:
-                await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) p",
-                                   CHANNEL, list(batch.notifies))
+            if present:
+                won = set((await conn.fetchrow(pgsql.combined(present), *args))["won"])
+            for fn, op_args, _ in batch.ops:
+                values.append(await fn(conn, *op_args))
         return won, values
 
     def _write(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future[Any]:

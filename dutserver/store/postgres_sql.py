@@ -4,8 +4,10 @@ connection, run inside its batch's transaction)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,8 +67,33 @@ UPDATE_IF = (
     "result = u.res, delivered_by = u.dby FROM unnest($1::bigint[], $2::text[], $3::bigint[], "
     "$4::bigint[], $5::text[], $6::text[], $7::text[]) AS u(id, state, dms, fms, res, dby, was) "
     "WHERE t.id = u.id AND t.state = u.was RETURNING t.id")
+NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p"
 AUDIT = ("INSERT INTO audit (at_ms, actor, action, detail, address) SELECT * FROM "
           "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])")
+# The parts of a write batch, in the order they run, by the letter that names each.
+_PARTS = {"i": INSERT, "u": UPDATE, "c": UPDATE_IF, "a": AUDIT, "n": NOTIFY}
+
+
+@functools.cache
+def combined(present: str) -> str:
+    """One statement for the batch parts named in present (letters of "iucan", in that order):
+    each a data-modifying CTE, their parameters numbered on. One statement is a transaction
+    of its own, so a batch costs one round trip to the server instead of one per part plus
+    BEGIN and COMMIT. The parts touch different rows (a task is inserted or updated in a batch,
+    never both; compare-and-sets apart from plain updates). Its row: the ids whose
+    compare-and-set won, and the NOTIFYs sent (referencing n is what makes PostgreSQL run it:
+    a CTE that only reads runs when used)."""
+    ctes, offset = [], 0
+    for key in present:
+        sql = _PARTS[key]
+        shifted = re.sub(r"\$(\d+)", lambda m, by=offset: f"${int(m.group(1)) + by}", sql)
+        ctes.append(f"{key} AS ({shifted})")
+        offset += max(int(n) for n in re.findall(r"\$(\d+)", sql))
+    won = "ARRAY(SELECT id FROM c)" if "c" in present else "ARRAY[]::bigint[]"
+    sent = "(SELECT count(*) FROM n)" if "n" in present else "0"
+    return f"WITH {', '.join(ctes)} SELECT {won} AS won, {sent} AS notified"
+
+
 AGENTS_SEEN = (
     "INSERT INTO agents (name, last_seen_ms, address, agent_version, online_until_ms) "
     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET "
