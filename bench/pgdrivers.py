@@ -8,7 +8,8 @@ runs exactly those statements (dutserver/store/postgres_sql.py's, on dutserver's
 a fresh database) through each driver in turn, in batches as the writer makes them (one
 transaction per state change and batch), and reports what the node would pay: this process's
 CPU per round trip (the driver's encoding, decoding and protocol work; the server's is the same
-for both) and the wall time. Rounds alternate between the drivers; the medians are printed last.
+for both) and the wall time. Rounds alternate between the drivers; the medians are printed last,
+then what a NOTIFY adds to a commit (asyncpg).
 psycopg is not a dependency of dutserver: `pip install 'psycopg[binary]'` to run this.
 """
 
@@ -94,6 +95,37 @@ async def with_psycopg(url: str, start: int, count: int, batch: int) -> None:
 DRIVERS = {"asyncpg": with_asyncpg, "psycopg": with_psycopg}
 
 
+async def notify_cost(url: str, commits: int) -> dict[str, float]:
+    """What a NOTIFY adds to a commit: the same one-row write committed `commits` times
+    without and with a pg_notify in its statement (a listener connected, as on a fleet's
+    nodes), medians of the wall time per commit in µs."""
+    listener = await asyncpg.connect(url)
+    heard = 0
+
+    def count(*_: object) -> None:
+        nonlocal heard
+        heard += 1
+    await listener.add_listener("dutbench", count)
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE notify_probe (id bigint)")
+    plain = "INSERT INTO notify_probe VALUES ($1)"
+    notified = ("WITH i AS (INSERT INTO notify_probe VALUES ($1)) "
+                "SELECT pg_notify('dutbench', 'f:node:' || $1::text)")
+    figures: dict[str, list[float]] = {"plain": [], "notify": []}
+    try:
+        for n in range(commits):
+            for name, sql in (("plain", plain), ("notify", notified)):
+                t0 = time.perf_counter()
+                await conn.execute(sql, n)
+                figures[name].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        await conn.close()
+        await listener.close()
+    return {"commit_us": round(statistics.median(figures["plain"]), 1),
+            "commit_with_notify_us": round(statistics.median(figures["notify"]), 1),
+            "notifies_heard": heard}
+
+
 async def main(args: argparse.Namespace) -> None:
     import psycopg  # noqa: F401 - imported before the clock runs, not in psycopg's first round
     async with fresh_database(args.db) as url:
@@ -121,6 +153,8 @@ async def main(args: argparse.Namespace) -> None:
                    for name, f in figures.items()}
         print(json.dumps({"medians_per_round_trip": medians, "round_trips": args.round_trips,
                           "batch": args.batch, "rounds": args.rounds}), flush=True)
+        print(json.dumps({"notify_cost": await notify_cost(url, args.notify_commits)}),
+              flush=True)
 
 
 if __name__ == "__main__":
@@ -129,5 +163,7 @@ if __name__ == "__main__":
     p.add_argument("--round-trips", type=int, default=5000)
     p.add_argument("--batch", type=int, default=16, help="round trips per group commit")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--notify-commits", type=int, default=2000,
+                   help="commits with and without a NOTIFY, for what one costs")
     a = p.parse_args()
     asyncio.run(main(a))
