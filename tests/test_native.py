@@ -148,3 +148,15 @@ def test_without_a_compiler_the_wheel_is_pure_python_and_works(tmp_path: Path) -
                                "PYTHONSAFEPATH": "1"})
     assert "hot path interpreted: the build could not compile it: mypyc or the C compiler" \
         in output
+
+
+def test_the_package_type_checks_as_the_wheels_build_demands() -> None:
+    """The wheel's build runs mypy over the package before it compiles; one type error anywhere
+    in it (not only in the compiled modules) and `pip install .` quietly gives an interpreted
+    server, three times slower. This is that check, with the project's mypy settings."""
+    mypy = Path(PYTHON).with_name("mypy")
+    if not mypy.exists():
+        pytest.skip("mypy (the `native` extra) is not installed")
+    run = subprocess.run([str(mypy), "--config-file", str(ROOT / "pyproject.toml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -190,7 +190,8 @@ class PostgresStore:
         if conn is None or conn.is_closed():
             await self._reconnect()
             conn = self._writer
-        present, args = "", []
+        present = ""
+        args: list[Any] = []
         if batch.inserts:
             present += "i"
             args += pgsql.columns(batch.inserts.values(), 12)

@@ -74,6 +74,11 @@ AUDIT = ("INSERT INTO audit (at_ms, actor, action, detail, address) SELECT * FRO
 _PARTS = {"i": INSERT, "u": UPDATE, "c": UPDATE_IF, "a": AUDIT, "n": NOTIFY}
 
 
+def _shift(sql: str, by: int) -> str:
+    """sql with its parameters $1, $2, … renumbered from $(1 + by)."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + by}", sql)
+
+
 @functools.cache
 def combined(present: str) -> str:
     """One statement for the batch parts named in present (letters of "iucan", in that order):
@@ -86,8 +91,7 @@ def combined(present: str) -> str:
     ctes, offset = [], 0
     for key in present:
         sql = _PARTS[key]
-        shifted = re.sub(r"\$(\d+)", lambda m, by=offset: f"${int(m.group(1)) + by}", sql)
-        ctes.append(f"{key} AS ({shifted})")
+        ctes.append(f"{key} AS ({_shift(sql, offset)})")
         offset += max(int(n) for n in re.findall(r"\$(\d+)", sql))
     won = "ARRAY(SELECT id FROM c)" if "c" in present else "ARRAY[]::bigint[]"
     sent = "(SELECT count(*) FROM n)" if "n" in present else "0"
