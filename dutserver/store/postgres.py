@@ -9,7 +9,7 @@ is still in it (compare and set); its future says whether it won. Reads take a c
 pool. Wake-ups between nodes are NOTIFYs on one channel, sent in the transaction that commits
 what they announce, heard on a listening connection (PostgresNotifier).
 
-Why asyncpg: bench/README.md, "Session 7" (round trips with each driver, same run).
+Why asyncpg: docs/scaling.md, "The driver" (the round trip's statements with each, same run).
 """
 
 from __future__ import annotations
