@@ -9,6 +9,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.actors import TRANSIENT
@@ -154,6 +155,22 @@ def _core_busy_s() -> dict[int, tuple[float, float]]:
     return busy
 
 
+def _postgres_cpu_s() -> float:
+    """CPU seconds so far of every process of a PostgreSQL server on this machine (all of its
+    backends: the figure says what the database cost when it runs beside the server)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name, rest = text.split("(", 1)[1].rsplit(")", 1)
+        if name == "postgres":
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
 class CpuMeter:
     """CPU use inside a window, in fractions of one core: the server's, this generator's, and
     everything else's on each of the two cores. Other load on the machine skews every figure,
@@ -169,6 +186,7 @@ class CpuMeter:
         await asyncio.sleep(max(0.0, self.window.start - time.monotonic()))
         t0, gen0, cores0 = time.monotonic(), time.process_time(), _core_busy_s()
         user0, sys0 = proc_cpu_split_s(self.server_pid) if self.server_pid else (0.0, 0.0)
+        db0 = _postgres_cpu_s()
         await asyncio.sleep(max(0.0, self.window.end - time.monotonic()))
         wall = time.monotonic() - t0
         gen = (time.process_time() - gen0) / wall
@@ -181,6 +199,9 @@ class CpuMeter:
             busy0, stolen0 = cores0.get(c, (0.0, 0.0))
             busy[c], stolen[c] = (busy1 - busy0) / wall, (stolen1 - stolen0) / wall
         self.result["generator_cpu"] = round(gen, 2)
+        db1 = _postgres_cpu_s()
+        if db1 > db0:  # a PostgreSQL on this machine worked meanwhile (ours, or anyone's)
+            self.result["postgres_cpu"] = round((db1 - db0) / wall, 2)
         if self.server_pid:
             self.result["server_cpu"] = round(srv, 2)
             self.result["server_kernel_cpu"] = round((sys1 - sys0) / wall, 2)

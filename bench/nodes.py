@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,17 +81,21 @@ async def _herd(nodes: list[Handle], sizes: NodesSizes) -> dict[str, Any]:
         log(f"nodes: RSS per parked agent {per_agent} KB; restarting both nodes")
         for f in fleets:
             f.set_retry(DUTAGENT_RETRY)
+        for f in fleets:
+            f.counters.errors.clear()
         t_stop = time.monotonic()
         await asyncio.gather(*(n.process.stop() for n in nodes if n.process))
-        for n in nodes:
-            assert n.process is not None
-            await n.process.start()
+        stop_s = time.monotonic() - t_stop
+        ready_s = [round(await n.process.start(), 3) for n in nodes if n.process]
         spawned = min(n.process.started_at for n in nodes if n.process)
         parked = await asyncio.gather(*(wait_parked(n, f, spawned, sizes.herd_timeout_s)
                                         for n, f in zip(nodes, fleets)))
         return {"herd_agents": sizes.herd_agents, "rss_per_agent_kb": per_agent,
+                "stop_s": round(stop_s, 3), "restart_ready_s": ready_s,
                 "herd_s": round(max(parked) - spawned, 3),
-                "restart_total_s": round(max(parked) - t_stop, 3)}
+                "herd_per_node_s": [round(p - spawned, 3) for p in parked],
+                "restart_total_s": round(max(parked) - t_stop, 3),
+                "herd_agent_errors": dict(sum((f.counters.errors for f in fleets), Counter()))}
     finally:
         await asyncio.gather(*(f.stop() for f in fleets))
 

@@ -57,6 +57,16 @@ class Task:
                 f"state={self.state.value!r}, delivered_by={self.delivered_by!r})")
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a task ended, as the node that ended it tells the others with the wake-up, so that
+    a node where its submitter waits need not read it back from the store."""
+
+    state: str
+    finished_ms: int | None
+    result: str | None  # its JSON text
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """A task as stored: payload and result as their JSON text."""

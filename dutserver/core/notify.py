@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from dutserver.core.model import Outcome
+
 
 class LocalNotifier:
     """fleet: whether other processes listen. bus: the notifiers of the processes that hear
@@ -21,9 +23,10 @@ class LocalNotifier:
         self._bus = bus if bus is not None else []
         self._bus.append(self)
         self._on_work: Callable[[str], None] | None = None
-        self._on_finished: Callable[[int], None] | None = None
+        self._on_finished: Callable[[int, Outcome | None], None] | None = None
 
-    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+    def subscribe(self, on_work: Callable[[str], None],
+                  on_finished: Callable[[int, Outcome | None], None],
                   on_gap: Callable[[], None]) -> None:
         # A call on this loop is never missed: no gap to report.
         self._on_work, self._on_finished = on_work, on_finished
@@ -34,8 +37,10 @@ class LocalNotifier:
             if other is not self and other._on_work is not None:
                 loop.call_soon(other._on_work, agent)
 
-    def task_finished(self, task_id: int) -> None:
+    def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
+        # Without the outcome: this notifier cannot make it depend on the commit's
+        # compare-and-set, so the others read what was stored.
         loop = asyncio.get_running_loop()
         for other in self._bus:
             if other is not self and other._on_finished is not None:
-                loop.call_soon(other._on_finished, task_id)
+                loop.call_soon(other._on_finished, task_id, None)

@@ -18,8 +18,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord, Task,
-                                  TaskFilter, TaskRecord)
+from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, Outcome, SessionRecord,
+                                  Task, TaskFilter, TaskRecord)
 
 
 class AccountExists(Exception):
@@ -172,11 +172,14 @@ class Notifier(Protocol):
         """A task for agent was queued here (sent with the commit of its insert)."""
         ...
 
-    def task_finished(self, task_id: int) -> None:
-        """This process ended a task that another one may hold (a submitter waits there)."""
+    def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
+        """This process ended a task that another one may hold (a submitter waits there),
+        with the commit that records it; with its outcome when the commit is a compare-and-set
+        queued in this turn: then sent only if that wins (so what is told is what is stored)."""
         ...
 
-    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+    def subscribe(self, on_work: Callable[[str], None],
+                  on_finished: Callable[[int, Outcome | None], None],
                   on_gap: Callable[[], None]) -> None:
         """on_gap: wake-ups may have been missed (the listening connection was lost)."""
         ...

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dutserver.core import codec
 from dutserver.core.errors import ApiError
-from dutserver.core.model import FINAL_STATES, Task, TaskFilter, TaskRecord, TaskState
+from dutserver.core.model import FINAL_STATES, Outcome, Task, TaskFilter, TaskRecord, TaskState
 
 if TYPE_CHECKING:
     from dutserver.core.tasks import Tasks
@@ -75,11 +75,12 @@ class Sharing:
     # --- compare and set ---------------------------------------------------------------------
 
     def watch_close(self, task: Task, saved: asyncio.Future[Any]) -> None:
-        """After a close: the other nodes are told (a submitter may wait there) in the same
-        commit, not in one after it: that is a whole commit off every cross-node round trip.
-        Should the compare-and-set lose, they read the outcome another node stored, which is
-        what they would have done anyway. If it lost, that stored outcome is taken over here."""
-        self.tasks.notifier.task_finished(task.id)
+        """After a close: the other nodes are told (a submitter may wait there) with its
+        outcome, in the same commit and only if its compare-and-set wins: a commit and a read
+        off every cross-node round trip. If it lost, the stored outcome is taken over here."""
+        result = None if task.result is None else codec.dumps(task.result)
+        self.tasks.notifier.task_finished(task.id, Outcome(task.state.value, task.finished_ms,
+                                                           result))
         saved.add_done_callback(lambda fut: self._closed(task, fut))
 
     def _closed(self, task: Task, fut: asyncio.Future[Any]) -> None:
@@ -109,11 +110,16 @@ class Sharing:
 
     # --- what other nodes ended --------------------------------------------------------------
 
-    def on_task_finished(self, task_id: int) -> None:
+    def on_task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
         """Another node ended a task: if this one holds a copy (a submitter waits here, or
-        it sits in a queue here), the stored outcome is taken over without writing it again."""
+        it sits in a queue here), its outcome is taken over without writing it again: as told,
+        or as stored when the wake-up did not carry it."""
         task = self.tasks.dispatcher.active.get(task_id)
-        if task is not None:
+        if task is None:
+            return
+        if outcome is not None and outcome.state in _FINAL:
+            self._finish(task, outcome.state, outcome.finished_ms, outcome.result)
+        else:
             asyncio.ensure_future(self.take_over(task))
 
     def on_gap(self) -> None:
@@ -147,11 +153,17 @@ class Sharing:
             task.state = TaskState(row.state)
             task.delivered_ms, task.delivered_by = row.delivered_ms, row.delivered_by
             return
+        self._finish(task, row.state, row.finished_ms, row.result)
+
+    def _finish(self, task: Task, state: str, finished_ms: int | None,
+                result: str | None) -> None:
+        """The task ended elsewhere so: out of this node's queue and memory, its waiter told."""
+        dispatcher = self.tasks.dispatcher
         if task.state is TaskState.QUEUED:
             dispatcher.withdraw(task)
-        task.state = TaskState(row.state)
-        task.finished_ms = row.finished_ms
-        task.result = json.loads(row.result) if row.result else None
+        task.state = TaskState(state)
+        task.finished_ms = finished_ms
+        task.result = json.loads(result) if result else None
         dispatcher.forget(task)
         if task.waiter is not None:
             task.waiter.settle(task, task.result if task.result is not None else {

@@ -50,7 +50,8 @@ def unavailable(exc: BaseException) -> ApiError:
 class _Batch:
     """What one transaction of the writer will hold."""
 
-    __slots__ = ("audits", "cas", "done", "expected", "inserts", "notifies", "ops", "updates")
+    __slots__ = ("audits", "cas", "done", "expected", "inserts", "notifies", "notifies_if_won",
+                 "ops", "updates")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.inserts: dict[int, tuple[Any, ...]] = {}
@@ -59,6 +60,7 @@ class _Batch:
         self.cas: dict[int, asyncio.Future[Any]] = {}  # … and who waits to know if they won
         self.audits: list[tuple[Any, ...]] = []
         self.notifies: dict[str, None] = {}  # payloads, in order, once each
+        self.notifies_if_won: dict[int, str] = {}  # task id -> sent if its compare-and-set won
         self.ops: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...],
                              asyncio.Future[Any] | None]] = []
         self.done: asyncio.Future[Any] = loop.create_future()
@@ -209,6 +211,9 @@ class PostgresStore:
         if batch.notifies:
             present += "n"
             args += [CHANNEL, list(batch.notifies)]
+        if batch.notifies_if_won:
+            present += "k"
+            args += [CHANNEL, list(batch.notifies_if_won), list(batch.notifies_if_won.values())]
         won: set[int] = set()
         values: list[Any] = []
         if not batch.ops:  # the usual batch: one statement, its own transaction
@@ -236,6 +241,15 @@ class PostgresStore:
     def notify(self, payload: str) -> None:
         """A NOTIFY sent with the next batch's commit (PostgresNotifier)."""
         self._batch().notifies[payload] = None
+
+    def notify_if_won(self, task_id: int, payload: str) -> None:
+        """A NOTIFY sent with the next batch's commit if the task's compare-and-set in it wins;
+        a task without one there (its insert, a plain update) is written anyway: sent."""
+        batch = self._batch()
+        if task_id in batch.expected:
+            batch.notifies_if_won[task_id] = payload
+        else:
+            batch.notifies[payload] = None
 
     async def barrier(self) -> None:
         await asyncio.shield(self._batch().done)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from dutserver.core.model import Outcome
 from dutserver.store.postgres_sql import LOST
 
 if TYPE_CHECKING:
@@ -16,31 +18,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dutserver.store")
 CHANNEL = "dutserver"
+_MAX_PAYLOAD = 7900  # PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more
 
 
 class PostgresNotifier:
     """Wake-ups between nodes: NOTIFYs on one channel, each sent with the commit of what it
-    announces ("w:<node>:<agent>", "f:<node>:<task id>"), heard on a connection of its own.
-    What a node sends, it does not hear back."""
+    announces ("w:<node>:<agent>", "f:<node>:<task id>", or with the outcome, 'F["<node>",
+    id, "state", finished_ms, "result JSON"]', sent only if its compare-and-set wins), heard on
+    a connection of its own. What a node sends, it does not hear back."""
 
     fleet = True
 
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
         self._on_work: Callable[[str], None] | None = None
-        self._on_finished: Callable[[int], None] | None = None
+        self._on_finished: Callable[[int, Outcome | None], None] | None = None
         self._on_gap: Callable[[], None] | None = None
         self._conn: Any = None
         self._closing = False
 
-    def subscribe(self, on_work: Callable[[str], None], on_finished: Callable[[int], None],
+    def subscribe(self, on_work: Callable[[str], None],
+                  on_finished: Callable[[int, Outcome | None], None],
                   on_gap: Callable[[], None]) -> None:
         self._on_work, self._on_finished, self._on_gap = on_work, on_finished, on_gap
 
     def agent_has_work(self, agent: str) -> None:
         self.store.notify(f"w:{self.store.node}:{agent}")
 
-    def task_finished(self, task_id: int) -> None:
+    def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
+        if outcome is not None:
+            told = "F" + json.dumps([self.store.node, task_id, outcome.state, outcome.finished_ms,
+                                     outcome.result])
+            if len(told.encode()) <= _MAX_PAYLOAD:
+                self.store.notify_if_won(task_id, told)
+                return
+        # Without it, or too long for a NOTIFY: the others read it back.
         self.store.notify(f"f:{self.store.node}:{task_id}")
 
     async def listen(self) -> None:
@@ -55,6 +67,9 @@ class PostgresNotifier:
             await self._conn.close()
 
     def _heard(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload.startswith("F"):
+            self._heard_outcome(payload[1:])
+            return
         kind, _, rest = payload.partition(":")
         node, _, what = rest.rpartition(":")
         if node == self.store.node:
@@ -62,7 +77,19 @@ class PostgresNotifier:
         if kind == "w" and self._on_work is not None:
             self._on_work(what)
         elif kind == "f" and self._on_finished is not None and what.isdigit():
-            self._on_finished(int(what))
+            self._on_finished(int(what), None)
+
+    def _heard_outcome(self, told: str) -> None:
+        try:
+            node, task_id, state, finished_ms, result = json.loads(told)
+            outcome = Outcome(str(state), None if finished_ms is None else int(finished_ms),
+                              None if result is None else str(result))
+            task_id = int(task_id)
+        except (ValueError, TypeError):
+            log.error("a wake-up that is not dutserver's on its channel: %.100r", told)
+            return
+        if node != self.store.node and self._on_finished is not None:
+            self._on_finished(task_id, outcome)
 
     def _lost(self, conn: Any) -> None:
         if not self._closing:

@@ -71,7 +71,9 @@ NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p"
 AUDIT = ("INSERT INTO audit (at_ms, actor, action, detail, address) SELECT * FROM "
           "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])")
 # The parts of a write batch, in the order they run, by the letter that names each.
-_PARTS = {"i": INSERT, "u": UPDATE, "c": UPDATE_IF, "a": AUDIT, "n": NOTIFY}
+NOTIFY_IF_WON = ("SELECT pg_notify($1, q.p) FROM unnest($2::bigint[], $3::text[]) AS q(id, p) "
+                 "WHERE q.id IN (SELECT id FROM c)")  # c: the compare-and-sets' CTE, below
+_PARTS = {"i": INSERT, "u": UPDATE, "c": UPDATE_IF, "a": AUDIT, "n": NOTIFY, "k": NOTIFY_IF_WON}
 
 
 def _shift(sql: str, by: int) -> str:
@@ -81,7 +83,8 @@ def _shift(sql: str, by: int) -> str:
 
 @functools.cache
 def combined(present: str) -> str:
-    """One statement for the batch parts named in present (letters of "iucan", in that order):
+    """One statement for the batch parts named in present (letters of "iucank", in that order;
+    k, the NOTIFYs sent only for the compare-and-sets that won, only with c):
     each a data-modifying CTE, their parameters numbered on. One statement is a transaction
     of its own, so a batch costs one round trip to the server instead of one per part plus
     BEGIN and COMMIT. The parts touch different rows (a task is inserted or updated in a batch,
@@ -94,7 +97,7 @@ def combined(present: str) -> str:
         ctes.append(f"{key} AS ({_shift(sql, offset)})")
         offset += max(int(n) for n in re.findall(r"\$(\d+)", sql))
     won = "ARRAY(SELECT id FROM c)" if "c" in present else "ARRAY[]::bigint[]"
-    sent = "(SELECT count(*) FROM n)" if "n" in present else "0"
+    sent = " + ".join(f"(SELECT count(*) FROM {key})" for key in "nk" if key in present) or "0"
     return f"WITH {', '.join(ctes)} SELECT {won} AS won, {sent} AS notified"
 
 

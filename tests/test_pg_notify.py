@@ -1,0 +1,90 @@
+"""Wake-ups between nodes on PostgreSQL (store/postgres_notify.py): a task's end is told to the
+other nodes with its outcome, in the commit that records it, and only if that commit's
+compare-and-set won, so that what a node is told is what the database holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dutserver.core.model import Outcome, Task, TaskState
+from dutserver.store.postgres import PostgresStore
+from pg_support import pg_server, pg_url  # noqa: F401  (fixtures)
+
+
+Heard = list[tuple[int, Outcome | None]]
+Nodes = tuple[PostgresStore, PostgresStore, Heard]
+
+
+@pytest.fixture
+async def two_nodes(pg_url: str) -> AsyncIterator[Nodes]:  # noqa: F811
+    """Nodes a and b on one database; what b hears of the tasks that end elsewhere."""
+    a, b = PostgresStore(pg_url, "a"), PostgresStore(pg_url, "b")
+    await a.open()
+    await b.open()
+    heard: Heard = []
+    b.notifier.subscribe(lambda agent: None, lambda task_id, outcome: heard.append(
+        (task_id, outcome)), lambda: None)
+    yield a, b, heard
+    await a.close()
+    await b.close()
+
+
+async def heard_within(heard: Heard, task_id: int,
+                       seconds: float = 5.0) -> Outcome | None:
+    for _ in range(int(seconds / 0.01)):
+        for tid, outcome in heard:
+            if tid == task_id:
+                return outcome
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no wake-up for task {task_id}: heard {heard}")
+
+
+def _ended(task: Task, state: TaskState, result: dict[str, object]) -> Outcome:
+    task.state, task.finished_ms, task.result = state, 2000, result
+    return Outcome(state.value, 2000, '{"ok":1}' if result == {"ok": 1} else None)
+
+
+async def test_an_outcome_that_won_is_told_with_it(two_nodes: Nodes) -> None:
+    a, b, heard = two_nodes
+    task = Task(1, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
+    await a.save_task(task)  # stored, queued
+    outcome = _ended(task, TaskState.DONE, {"ok": 1})
+    saved = a.save_task(task, "queued")
+    a.notifier.task_finished(task.id, outcome)
+    assert await saved is True
+    assert await heard_within(heard, 1) == outcome
+    assert (await b.task(1)).state == "done"  # type: ignore[union-attr]
+
+
+async def test_an_outcome_that_lost_is_not_told(two_nodes: Nodes) -> None:
+    a, b, heard = two_nodes
+    task = Task(2, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
+    await a.save_task(task)
+    # Another node ended it first (cancelled); this node's close, expecting "queued", loses.
+    assert await b.finish_task(2, "queued", "cancelled", '{"error": true}', 1500)
+    saved = a.save_task(task, "queued")
+    a.notifier.task_finished(task.id, _ended(task, TaskState.DONE, {"ok": 1}))
+    assert await saved is False
+    # A later wake-up in the same channel arrives; the lost one never did.
+    later = Task(3, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
+    await a.save_task(later)
+    saved = a.save_task(later, "queued")
+    a.notifier.task_finished(later.id, _ended(later, TaskState.DONE, {"ok": 1}))
+    assert await saved is True
+    await heard_within(heard, 3)
+    assert [tid for tid, _ in heard] == [3]
+    assert (await b.task(2)).state == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_an_outcome_too_long_to_tell_is_read_back(two_nodes: Nodes) -> None:
+    a, b, heard = two_nodes
+    task = Task(4, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
+    await a.save_task(task)
+    task.state, task.finished_ms, task.result = TaskState.DONE, 2000, {"output": "x" * 9000}
+    saved = a.save_task(task, "queued")
+    a.notifier.task_finished(task.id, Outcome("done", 2000, '{"output": "' + "x" * 9000 + '"}'))
+    assert await saved is True
+    assert await heard_within(heard, 4) is None  # the id alone: the node reads it back
