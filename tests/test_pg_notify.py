@@ -1,6 +1,7 @@
-"""Wake-ups between nodes on PostgreSQL (store/postgres_notify.py): a task's end is told to the
-other nodes with its outcome, in the commit that records it, and only if that commit's
-compare-and-set won, so that what a node is told is what the database holds."""
+"""Wake-ups between nodes on PostgreSQL (store/postgres_notify.py): a queued task is told to the
+other nodes with the commit of its insert, carrying the task; its end with its outcome, in the
+commit that records it and only if that commit's compare-and-set won, so that what a node is
+told is what the database holds. Too long for a NOTIFY, a wake-up names the task only."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dutserver.core.model import Outcome, Task, TaskState
+from dutserver.core.model import Outcome, Task, TaskRecord, TaskState
 from dutserver.store.postgres import PostgresStore
 from pg_support import pg_server, pg_url  # noqa: F401  (fixtures)
 
 
 Heard = list[tuple[int, Outcome | None]]
+work: list[tuple[str, TaskRecord | None]] = []  # what b was told was queued, in order
 Nodes = tuple[PostgresStore, PostgresStore, Heard]
 
 
@@ -25,8 +27,8 @@ async def two_nodes(pg_url: str) -> AsyncIterator[Nodes]:  # noqa: F811
     await a.open()
     await b.open()
     heard: Heard = []
-    b.notifier.subscribe(lambda agent: None, lambda task_id, outcome: heard.append(
-        (task_id, outcome)), lambda: None)
+    b.notifier.subscribe(lambda agent, row: work.append((agent, row)),
+                         lambda task_id, outcome: heard.append((task_id, outcome)), lambda: None)
     yield a, b, heard
     await a.close()
     await b.close()
@@ -88,3 +90,24 @@ async def test_an_outcome_too_long_to_tell_is_read_back(two_nodes: Nodes) -> Non
     a.notifier.task_finished(task.id, Outcome("done", 2000, '{"output": "' + "x" * 9000 + '"}'))
     assert await saved is True
     assert await heard_within(heard, 4) is None  # the id alone: the node reads it back
+
+
+async def test_a_queued_task_is_told_with_it_unless_too_long(two_nodes: Nodes) -> None:
+    a, b, _ = two_nodes
+    work.clear()
+    short = Task(5, "pc1", "exec", {"cmd": "ls"}, "admin", 1000, 10**13,
+                 payload_json='{"cmd": "ls"}')
+    long = Task(6, "pc2", "exec", {"cmd": "x" * 9000}, "admin", 1000, 10**13,
+                payload_json='{"cmd": "' + "x" * 9000 + '"}')
+    for task in (short, long):
+        inserted = a.save_task(task)
+        a.notifier.agent_has_work(task.agent, task)
+        await inserted
+    for _ in range(500):
+        if len(work) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert work == [("pc1", TaskRecord(5, "pc1", "exec", '{"cmd": "ls"}', "queued", "admin",
+                                       1000, 10**13, None, None, None)), ("pc2", None)]
+    row = await b.task(5)  # told only once the insert is committed: b finds it stored
+    assert row is not None and row.state == "queued"

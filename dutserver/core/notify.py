@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from dutserver.core.model import Outcome
+from dutserver.core.model import Outcome, Task, TaskRecord
 
 
 class LocalNotifier:
@@ -22,20 +22,21 @@ class LocalNotifier:
         self.fleet = fleet
         self._bus = bus if bus is not None else []
         self._bus.append(self)
-        self._on_work: Callable[[str], None] | None = None
+        self._on_work: Callable[[str, TaskRecord | None], None] | None = None
         self._on_finished: Callable[[int, Outcome | None], None] | None = None
 
-    def subscribe(self, on_work: Callable[[str], None],
+    def subscribe(self, on_work: Callable[[str, TaskRecord | None], None],
                   on_finished: Callable[[int, Outcome | None], None],
                   on_gap: Callable[[], None]) -> None:
         # A call on this loop is never missed: no gap to report.
         self._on_work, self._on_finished = on_work, on_finished
 
-    def agent_has_work(self, agent: str) -> None:
+    def agent_has_work(self, agent: str, task: Task | None = None) -> None:
+        # Without the task, as task_finished without the outcome: the others read the store.
         loop = asyncio.get_running_loop()
         for other in self._bus:
             if other is not self and other._on_work is not None:
-                loop.call_soon(other._on_work, agent)
+                loop.call_soon(other._on_work, agent, None)
 
     def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
         # Without the outcome: this notifier cannot make it depend on the commit's

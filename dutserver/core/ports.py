@@ -168,8 +168,10 @@ class Notifier(Protocol):
 
     fleet: bool  #: whether other processes listen; when not, the core sends nothing
 
-    def agent_has_work(self, agent: str) -> None:
-        """A task for agent was queued here (sent with the commit of its insert)."""
+    def agent_has_work(self, agent: str, task: Task | None = None) -> None:
+        """A task for agent was queued here (sent with the commit of its insert); with the
+        task itself when it is the only one, so that the node where the agent polls need not
+        read it (on_work then gets it as a TaskRecord, else None: read the agent's queue)."""
         ...
 
     def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
@@ -178,7 +180,7 @@ class Notifier(Protocol):
         queued in this turn: then sent only if that wins (so what is told is what is stored)."""
         ...
 
-    def subscribe(self, on_work: Callable[[str], None],
+    def subscribe(self, on_work: Callable[[str, TaskRecord | None], None],
                   on_finished: Callable[[int, Outcome | None], None],
                   on_gap: Callable[[], None]) -> None:
         """on_gap: wake-ups may have been missed (the listening connection was lost)."""

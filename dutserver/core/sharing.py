@@ -39,10 +39,16 @@ class Sharing:
 
     # --- queued work from other nodes ---------------------------------------------------------
 
-    def on_agent_work(self, agent: str) -> None:
-        """Another node queued work for agent: fetched if the agent polls here."""
-        if self.tasks.dispatcher.is_online(agent):
+    def on_agent_work(self, agent: str, row: TaskRecord | None = None) -> None:
+        """Another node queued work for agent: if the agent polls here, the task as told, or
+        the agent's queue as stored when the wake-up did not carry it."""
+        dispatcher = self.tasks.dispatcher
+        if not dispatcher.is_online(agent):
+            return
+        if row is None:
             self.fetch(agent)
+        elif row.id not in dispatcher.active:
+            dispatcher.enqueue(_queued(row))
 
     def fetch(self, agent: str) -> None:
         """Reads the agent's queued tasks from the store into this node's queue (those this
@@ -60,11 +66,7 @@ class Sharing:
                 self._again.discard(agent)
                 for row in await tasks.store.queued_tasks(agent):
                     if row.id not in tasks.dispatcher.active:
-                        tasks.dispatcher.enqueue(Task(
-                            id=row.id, agent=row.agent, type=row.type,
-                            payload=json.loads(row.payload), submitted_by=row.submitted_by,
-                            created_ms=row.created_ms, expires_ms=row.expires_ms,
-                            payload_json=row.payload, stored=True))
+                        tasks.dispatcher.enqueue(_queued(row))
                 if agent not in self._again:
                     return
         except Exception:  # the store is away: the next wake-up or poll fetches again
@@ -216,3 +218,10 @@ class Sharing:
         for task_id in ended:
             self.on_task_finished(task_id)
             tasks.notifier.task_finished(task_id)
+
+
+def _queued(row: TaskRecord) -> Task:
+    """A task queued by another node, as this node holds it (stored: it updates, never inserts)."""
+    return Task(id=row.id, agent=row.agent, type=row.type, payload=json.loads(row.payload),
+                submitted_by=row.submitted_by, created_ms=row.created_ms,
+                expires_ms=row.expires_ms, payload_json=row.payload, stored=True)

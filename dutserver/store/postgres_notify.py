@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from dutserver.core.model import Outcome
+from dutserver.core.model import Outcome, Task, TaskRecord
 from dutserver.store.postgres_sql import LOST
 
 if TYPE_CHECKING:
@@ -23,26 +23,35 @@ _MAX_PAYLOAD = 7900  # PostgreSQL refuses a NOTIFY payload of 8,000 bytes or mor
 
 class PostgresNotifier:
     """Wake-ups between nodes: NOTIFYs on one channel, each sent with the commit of what it
-    announces ("w:<node>:<agent>", "f:<node>:<task id>", or with the outcome, 'F["<node>",
-    id, "state", finished_ms, "result JSON"]', sent only if its compare-and-set wins), heard on
-    a connection of its own. What a node sends, it does not hear back."""
+    announces ("w:<node>:<agent>", or with the queued task, 'W["<node>", id, "agent", "type",
+    "payload JSON", "submitted by", created_ms, expires_ms]'; "f:<node>:<task id>", or with
+    the outcome, 'F["<node>", id, "state", finished_ms, "result JSON"]', sent only if its
+    compare-and-set wins), heard on a connection of its own. What a node sends, it does not
+    hear back. A wake-up too long for a NOTIFY (8,000 bytes) goes without what it carries."""
 
     fleet = True
 
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
-        self._on_work: Callable[[str], None] | None = None
+        self._on_work: Callable[[str, TaskRecord | None], None] | None = None
         self._on_finished: Callable[[int, Outcome | None], None] | None = None
         self._on_gap: Callable[[], None] | None = None
         self._conn: Any = None
         self._closing = False
 
-    def subscribe(self, on_work: Callable[[str], None],
+    def subscribe(self, on_work: Callable[[str, TaskRecord | None], None],
                   on_finished: Callable[[int, Outcome | None], None],
                   on_gap: Callable[[], None]) -> None:
         self._on_work, self._on_finished, self._on_gap = on_work, on_finished, on_gap
 
-    def agent_has_work(self, agent: str) -> None:
+    def agent_has_work(self, agent: str, task: Task | None = None) -> None:
+        if task is not None:
+            told = "W" + json.dumps([self.store.node, task.id, agent, task.type,
+                                     task.payload_json, task.submitted_by, task.created_ms,
+                                     task.expires_ms])
+            if len(told.encode()) <= _MAX_PAYLOAD:
+                self.store.notify(told)
+                return
         self.store.notify(f"w:{self.store.node}:{agent}")
 
     def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
@@ -70,14 +79,28 @@ class PostgresNotifier:
         if payload.startswith("F"):
             self._heard_outcome(payload[1:])
             return
+        if payload.startswith("W"):
+            self._heard_task(payload[1:])
+            return
         kind, _, rest = payload.partition(":")
         node, _, what = rest.rpartition(":")
         if node == self.store.node:
             return
         if kind == "w" and self._on_work is not None:
-            self._on_work(what)
+            self._on_work(what, None)
         elif kind == "f" and self._on_finished is not None and what.isdigit():
             self._on_finished(int(what), None)
+
+    def _heard_task(self, told: str) -> None:
+        try:
+            node, task_id, agent, kind, payload, by, created, expires = json.loads(told)
+            row = TaskRecord(int(task_id), str(agent), str(kind), str(payload), "queued",
+                             str(by), int(created), int(expires), None, None, None)
+        except (ValueError, TypeError):
+            log.error("a wake-up that is not dutserver's on its channel: %.100r", told)
+            return
+        if node != self.store.node and self._on_work is not None:
+            self._on_work(row.agent, row)
 
     def _heard_outcome(self, told: str) -> None:
         try:
