@@ -5,8 +5,9 @@
    price of the hop (a NOTIFY each way). PostgreSQL's own counters give commits, rows written
    and NOTIFYs per round trip.
 2. Memory and the restart herd over two nodes: N agents, half parked on each node; RSS per
-   parked agent on each; then both nodes stop (SIGTERM) and start again, and the agents, retrying
-   as `dutagent` does, are all parked again (seconds from the first new spawn).
+   parked agent on each; then both nodes stop (SIGTERM) and start again (together), and the
+   agents, retrying as `dutagent` does (each keeps to its node here: no failover), are all
+   parked again (seconds from the first new spawn).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ async def _herd(nodes: list[Handle], sizes: NodesSizes) -> dict[str, Any]:
         t_stop = time.monotonic()
         await asyncio.gather(*(n.process.stop() for n in nodes if n.process))
         stop_s = time.monotonic() - t_stop
-        ready_s = [round(await n.process.start(), 3) for n in nodes if n.process]
+        ready_s = [round(s, 3) for s in await asyncio.gather(
+            *(n.process.start() for n in nodes if n.process))]  # both at once, as a fleet would
         spawned = min(n.process.started_at for n in nodes if n.process)
         parked = await asyncio.gather(*(wait_parked(n, f, spawned, sizes.herd_timeout_s)
                                         for n, f in zip(nodes, fleets)))
