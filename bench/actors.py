@@ -160,7 +160,8 @@ class Agent:
     def __init__(self, target: Target, cred: Credentials, counters: AgentCounters, *,
                  classic_auth: bool = False, poll_timeout_s: float = 330.0,
                  retry: Retry | None = None,
-                 answer: Callable[[dict[str, Any]], bytes] = ping_result) -> None:
+                 answer: Callable[[dict[str, Any]], bytes] = ping_result,
+                 source: str | None = None) -> None:
         if classic_auth:
             auth = f"{cred.name}:{cred.secret}"
         else:
@@ -169,7 +170,7 @@ class Agent:
         # Content-Type rides on every request (a GET ignores it) so that request heads stay
         # fixed per path and the generator formats each of them only once.
         self.conn = Connection(target, {"Authorization": auth, "User-Agent": "dutagent/bench",
-                                        "Content-Type": "application/json"})
+                                        "Content-Type": "application/json"}, source=source)
         self.counters = counters
         self.result_path = "/task_result" if classic_auth else "/tasks_result"
         self.poll_timeout_s = poll_timeout_s
@@ -257,14 +258,26 @@ async def _sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
         pass
 
 
+AGENTS_PER_SOURCE = 20_000  # of the some 28,000 ephemeral ports one local address has
+
+
+def _source(target: Target, index: int, count: int) -> str | None:
+    """The local address agent `index` of `count` connects from: the default one for fleets
+    that fit one address, else 127.0.0.2, .3, … (all loopback) for a server on 127.0.0.1."""
+    if count <= AGENTS_PER_SOURCE or target.host != "127.0.0.1":
+        return None
+    return f"127.0.0.{2 + index // AGENTS_PER_SOURCE}"
+
+
 class AgentFleet:
     """Many agents running as tasks of this event loop; stop() ends them all within moments."""
 
     def __init__(self, target: Target, creds: Sequence[Credentials], **agent_kwargs: Any) -> None:
         self.counters = AgentCounters()
         self.retry = Retry()
-        self.agents = [Agent(target, c, self.counters, retry=self.retry, **agent_kwargs)
-                       for c in creds]
+        self.agents = [Agent(target, c, self.counters, retry=self.retry,
+                             source=_source(target, i, len(creds)), **agent_kwargs)
+                       for i, c in enumerate(creds)]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 

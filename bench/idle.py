@@ -15,9 +15,10 @@ from bench.actors import (
     BenchError,
     online_agents,
 )
-from bench.drive import ratio
+from bench.drive import Window, open_loop, ratio
 from bench.env import Env, Handle, log
 from bench.loadgen import Connection
+from bench.throughput import _ping_submitter
 
 
 @dataclass
@@ -25,6 +26,8 @@ class IdleSizes:
     agents: int = 2000
     settle_s: float = 1.0  # after parking, before reading RSS: lets allocations level out
     herd_timeout_s: float = 120.0
+    probe_per_s: float = 50.0  # blocking pings to random parked agents, once all are parked
+    probe_s: float = 4.0
 
 
 async def wait_parked(srv: Handle, fleet: AgentFleet, since: float, timeout_s: float,
@@ -78,6 +81,7 @@ async def idle(env: Env, sizes: IdleSizes) -> dict[str, Any]:
                 "scenario": "idle", "agents": n,
                 "accounts_created_per_s": round(n / create_s, 1),
                 "first_park_s": round(park_s, 3),
+                "probe": await _probe(srv, [c.name for c in creds], sizes),
             }
             if proc is not None and rss_before_kb is not None and rss_after_kb is not None:
                 per_agent_kb = (rss_after_kb - rss_before_kb) / n
@@ -104,6 +108,24 @@ async def idle(env: Env, sizes: IdleSizes) -> dict[str, Any]:
                                          else result["herd_s"] <= 10),
     }
     return result
+
+
+async def _probe(srv: Handle, names: list[str], sizes: IdleSizes) -> dict[str, Any]:
+    """A task to a random one among all the parked agents, at a light rate: how long a round
+    trip takes while the server holds them all (open loop, latency from the scheduled send)."""
+    if sizes.probe_per_s <= 0 or sizes.probe_s <= 0:
+        return {}
+    headers = {"Authorization": await srv.token(), "Content-Type": "application/json"}
+    conns = [Connection(srv.target, headers) for _ in range(8)]
+    try:
+        stats = await open_loop(conns, _ping_submitter(names), sizes.probe_per_s,
+                                Window(0.5, sizes.probe_s))
+    finally:
+        for c in conns:
+            c.close()
+    s = stats.summary(sizes.probe_s)
+    return {"rate_per_s": sizes.probe_per_s, "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
+            "max_ms": s["max_ms"], "errors": s["errors"]}
 
 
 async def _restart_herd(srv: Handle, fleet: AgentFleet, sizes: IdleSizes,
