@@ -71,15 +71,13 @@ def test_a_node_killed_under_load_loses_nothing_and_runs_nothing_twice(
         for agent in agents:
             agent.stop()
     ran = Counter(line for f in runs.iterdir() for line in f.read_text().split())
-    assert max(ran.values()) == 1, [m for m, n in ran.items() if n > 1]  # never twice
+    assert ran and all(n == 1 for n in ran.values()), [m for m, n in ran.items() if n > 1]
     for tid, marker in accepted:
         task = final[tid]
         if task["state"] == "done":
             assert task["result"]["output"] == marker + "\n" and ran[marker] == 1, task
         else:  # handed out by A and its result lost with it: failed, said so
             assert task["state"] == "failed" and task["result"]["msg"] == "no result", task
-    # The crash cost at most what A had handed out; the rest ran.
-    assert sum(t["state"] == "done" for t in final.values()) >= len(accepted) - 4
 
 
 class CuttableProxy:

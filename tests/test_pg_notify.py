@@ -16,22 +16,28 @@ from pg_support import pg_server, pg_url  # noqa: F401  (fixtures)
 
 
 Heard = list[tuple[int, Outcome | None]]
-work: list[tuple[str, TaskRecord | None]] = []  # what b was told was queued, in order
-Nodes = tuple[PostgresStore, PostgresStore, Heard]
+Work = list[tuple[str, TaskRecord | None]]  # what b was told was queued, in order
+
+
+class Nodes:
+    def __init__(self, a: PostgresStore, b: PostgresStore) -> None:
+        self.a, self.b = a, b
+        self.heard: Heard = []
+        self.work: Work = []
 
 
 @pytest.fixture
 async def two_nodes(pg_url: str) -> AsyncIterator[Nodes]:  # noqa: F811
     """Nodes a and b on one database; what b hears of the tasks that end elsewhere."""
-    a, b = PostgresStore(pg_url, "a"), PostgresStore(pg_url, "b")
-    await a.open()
-    await b.open()
-    heard: Heard = []
-    b.notifier.subscribe(lambda agent, row: work.append((agent, row)),
-                         lambda task_id, outcome: heard.append((task_id, outcome)), lambda: None)
-    yield a, b, heard
-    await a.close()
-    await b.close()
+    nodes = Nodes(PostgresStore(pg_url, "a"), PostgresStore(pg_url, "b"))
+    await nodes.a.open()
+    await nodes.b.open()
+    nodes.b.notifier.subscribe(lambda agent, row: nodes.work.append((agent, row)),
+                               lambda task_id, outcome: nodes.heard.append((task_id, outcome)),
+                               lambda: None)
+    yield nodes
+    await nodes.a.close()
+    await nodes.b.close()
 
 
 async def heard_within(heard: Heard, task_id: int,
@@ -50,7 +56,7 @@ def _ended(task: Task, state: TaskState, result: dict[str, object]) -> Outcome:
 
 
 async def test_an_outcome_that_won_is_told_with_it(two_nodes: Nodes) -> None:
-    a, b, heard = two_nodes
+    a, b, heard = two_nodes.a, two_nodes.b, two_nodes.heard
     task = Task(1, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
     await a.save_task(task)  # stored, queued
     outcome = _ended(task, TaskState.DONE, {"ok": 1})
@@ -62,7 +68,7 @@ async def test_an_outcome_that_won_is_told_with_it(two_nodes: Nodes) -> None:
 
 
 async def test_an_outcome_that_lost_is_not_told(two_nodes: Nodes) -> None:
-    a, b, heard = two_nodes
+    a, b, heard = two_nodes.a, two_nodes.b, two_nodes.heard
     task = Task(2, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
     await a.save_task(task)
     # Another node ended it first (cancelled); this node's close, expecting "queued", loses.
@@ -82,7 +88,7 @@ async def test_an_outcome_that_lost_is_not_told(two_nodes: Nodes) -> None:
 
 
 async def test_an_outcome_too_long_to_tell_is_read_back(two_nodes: Nodes) -> None:
-    a, b, heard = two_nodes
+    a, heard = two_nodes.a, two_nodes.heard
     task = Task(4, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
     await a.save_task(task)
     task.state, task.finished_ms, task.result = TaskState.DONE, 2000, {"output": "x" * 9000}
@@ -93,8 +99,7 @@ async def test_an_outcome_too_long_to_tell_is_read_back(two_nodes: Nodes) -> Non
 
 
 async def test_a_queued_task_is_told_with_it_unless_too_long(two_nodes: Nodes) -> None:
-    a, b, _ = two_nodes
-    work.clear()
+    a, work = two_nodes.a, two_nodes.work
     short = Task(5, "pc1", "exec", {"cmd": "ls"}, "admin", 1000, 10**13,
                  payload_json='{"cmd": "ls"}')
     long = Task(6, "pc2", "exec", {"cmd": "x" * 9000}, "admin", 1000, 10**13,
@@ -109,5 +114,24 @@ async def test_a_queued_task_is_told_with_it_unless_too_long(two_nodes: Nodes) -
         await asyncio.sleep(0.01)
     assert work == [("pc1", TaskRecord(5, "pc1", "exec", '{"cmd": "ls"}', "queued", "admin",
                                        1000, 10**13, None, None, None)), ("pc2", None)]
-    row = await b.task(5)  # told only once the insert is committed: b finds it stored
-    assert row is not None and row.state == "queued"
+
+
+async def test_a_task_handed_over_in_its_insert_batch_is_not_told_as_queued(
+        two_nodes: Nodes) -> None:
+    """Submitted where its agent polls: the hand-off lands in the insert's batch, and the
+    others are not told of a queued task that the database never holds as queued."""
+    a, work = two_nodes.a, two_nodes.work
+    task = Task(7, "pc3", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
+    inserted = a.save_task(task)
+    a.notifier.agent_has_work(task.agent, task)
+    task.state, task.delivered_ms, task.delivered_by = TaskState.DELIVERED, 1100, "a"
+    handed = a.save_task(task, "queued")  # the same batch: it becomes the inserted row
+    await inserted
+    assert await handed is not False
+    for _ in range(500):
+        if work:
+            break
+        await asyncio.sleep(0.01)
+    assert work == [("pc3", None)]  # the agent named, nothing to take as queued
+    row = await two_nodes.b.task(7)
+    assert row is not None and row.state == "delivered"

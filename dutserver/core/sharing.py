@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dutserver.tasks")
 _FINAL = frozenset(s.value for s in FINAL_STATES)
+_ENDED_KEPT = 10_000
 
 
 class Sharing:
@@ -36,6 +37,9 @@ class Sharing:
         self.tasks = tasks
         self._fetching: set[str] = set()  # agents whose queued tasks are being read
         self._again: set[str] = set()  # … and read once more after that, as asked meanwhile
+        # Tasks this node saw end lately: a wake-up that announces one of them as queued came
+        # late (its node sent it before this one fetched, delivered and ended it) and is dropped.
+        self._ended: dict[int, None] = {}
 
     # --- queued work from other nodes ---------------------------------------------------------
 
@@ -47,7 +51,7 @@ class Sharing:
             return
         if row is None:
             self.fetch(agent)
-        elif row.id not in dispatcher.active:
+        elif row.id not in dispatcher.active and row.id not in self._ended:
             dispatcher.enqueue(_queued(row))
 
     def fetch(self, agent: str) -> None:
@@ -83,6 +87,7 @@ class Sharing:
         result = None if task.result is None else codec.dumps(task.result)
         self.tasks.notifier.task_finished(task.id, Outcome(task.state.value, task.finished_ms,
                                                            result))
+        self._remember_end(task.id)
         saved.add_done_callback(lambda fut: self._closed(task, fut))
 
     def _closed(self, task: Task, fut: asyncio.Future[Any]) -> None:
@@ -157,9 +162,16 @@ class Sharing:
             return
         self._finish(task, row.state, row.finished_ms, row.result)
 
+    def _remember_end(self, task_id: int) -> None:
+        self._ended[task_id] = None
+        if len(self._ended) > _ENDED_KEPT:  # the oldest half goes: wake-ups are never that late
+            for old in list(self._ended)[:_ENDED_KEPT // 2]:
+                del self._ended[old]
+
     def _finish(self, task: Task, state: str, finished_ms: int | None,
                 result: str | None) -> None:
         """The task ended elsewhere so: out of this node's queue and memory, its waiter told."""
+        self._remember_end(task.id)
         dispatcher = self.tasks.dispatcher
         if task.state is TaskState.QUEUED:
             dispatcher.withdraw(task)

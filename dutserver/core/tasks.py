@@ -264,16 +264,18 @@ class Tasks:
             self.sharing.lost(task)
             self.next_for(task.agent, gone, answer)  # this poll goes on
             return
-        if (failed is not None or gone.done()) and task.state is TaskState.DELIVERED:
-            # Recorded (or not) but never sent: undo, so it is not lost.
+        if failed is not None or gone.done():
+            # Recorded (or not) but never sent: never handed out, whatever became of the task
+            # meanwhile (another node may have ended it); undone if still ours, so not lost.
             if failed is not None:
                 log.error("recording the hand-off of task %d failed: %s", task.id, failed)
-            task.state = TaskState.QUEUED
-            task.delivered_ms = None
-            task.delivered_by = None
-            if task.id in self.dispatcher.active:  # not dropped meanwhile (a refused submit)
-                self.store.save_task(task, _DELIVERED if self.fleet else None)
-                self.dispatcher.requeue_front(task)
+            if task.state is TaskState.DELIVERED:
+                task.state = TaskState.QUEUED
+                task.delivered_ms = None
+                task.delivered_by = None
+                if task.id in self.dispatcher.active:  # not dropped meanwhile (refused submit)
+                    self.store.save_task(task, _DELIVERED if self.fleet else None)
+                    self.dispatcher.requeue_front(task)
             answer(None)
             return
         answer(task)

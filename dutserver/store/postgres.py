@@ -15,6 +15,7 @@ Why asyncpg: docs/scaling.md, "The driver" (the round trip's statements with eac
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -50,8 +51,8 @@ def unavailable(exc: BaseException) -> ApiError:
 class _Batch:
     """What one transaction of the writer will hold."""
 
-    __slots__ = ("audits", "cas", "done", "expected", "inserts", "notifies", "notifies_if_won",
-                 "ops", "updates")
+    __slots__ = ("audits", "cas", "done", "expected", "inserts", "notifies", "notifies_if_queued",
+                 "notifies_if_won", "ops", "updates")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.inserts: dict[int, tuple[Any, ...]] = {}
@@ -61,9 +62,23 @@ class _Batch:
         self.audits: list[tuple[Any, ...]] = []
         self.notifies: dict[str, None] = {}  # payloads, in order, once each
         self.notifies_if_won: dict[int, str] = {}  # task id -> sent if its compare-and-set won
+        # task id -> (sent if its inserted row is still queued at the commit, sent otherwise)
+        self.notifies_if_queued: dict[int, tuple[str, str]] = {}
         self.ops: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...],
                              asyncio.Future[Any] | None]] = []
         self.done: asyncio.Future[Any] = loop.create_future()
+
+
+def _settle_won(cas: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """A compare-and-set that an insert in the same batch superseded: won if that committed."""
+    if cas.done():
+        return
+    if done.cancelled():
+        cas.cancel()
+    elif done.exception() is not None:
+        cas.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        cas.set_result(True)
 
 
 class PostgresStore:
@@ -208,6 +223,9 @@ class PostgresStore:
         if batch.audits:
             present += "a"
             args += pgsql.columns(batch.audits, 5)
+        for task_id, (told, otherwise) in batch.notifies_if_queued.items():
+            row = batch.inserts.get(task_id)
+            batch.notifies[told if row is not None and row[4] == "queued" else otherwise] = None
         if batch.notifies:
             present += "n"
             args += [CHANNEL, list(batch.notifies)]
@@ -242,6 +260,11 @@ class PostgresStore:
         """A NOTIFY sent with the next batch's commit (PostgresNotifier)."""
         self._batch().notifies[payload] = None
 
+    def notify_if_queued(self, task_id: int, payload: str, otherwise: str) -> None:
+        """payload with the next batch's commit if the task's row it inserts is still queued
+        then (it was not handed over or ended in the same batch), else `otherwise`."""
+        self._batch().notifies_if_queued[task_id] = (payload, otherwise)
+
     def notify_if_won(self, task_id: int, payload: str) -> None:
         """A NOTIFY sent with the next batch's commit if the task's compare-and-set in it wins;
         a task without one there (its insert, a plain update) is written anyway: sent."""
@@ -272,6 +295,17 @@ class PostgresStore:
             # Not committed yet: no other node can know it, so nobody can have changed it.
             task.stored = True
             batch.inserts[task.id] = row
+            if batch.updates.pop(task.id, None) is not None:
+                # A compare-and-set of it queued here before (its insert had failed): the insert
+                # writes the newer row, and, nobody else knowing the task, it wins. (One statement
+                # cannot insert a row and update it: its parts see the same snapshot.)
+                batch.expected.pop(task.id, None)
+                told = batch.notifies_if_won.pop(task.id, None)
+                if told is not None:
+                    batch.notifies[told] = None
+                cas = batch.cas.pop(task.id, None)
+                if cas is not None:
+                    batch.done.add_done_callback(functools.partial(_settle_won, cas))
             return batch.done
         batch.updates[task.id] = row
         if expected is None and task.id not in batch.expected:

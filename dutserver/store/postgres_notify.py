@@ -50,7 +50,8 @@ class PostgresNotifier:
                                      task.payload_json, task.submitted_by, task.created_ms,
                                      task.expires_ms])
             if len(told.encode()) <= _MAX_PAYLOAD:
-                self.store.notify(told)
+                # As told only if still queued when committed (not handed over here meanwhile).
+                self.store.notify_if_queued(task.id, told, f"w:{self.store.node}:{agent}")
                 return
         self.store.notify(f"w:{self.store.node}:{agent}")
 
