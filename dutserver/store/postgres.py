@@ -30,7 +30,8 @@ from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, Sessi
                                   TaskFilter, TaskRecord)
 from dutserver.core.ports import AccountExists
 from dutserver.store import postgres_sql as pgsql
-from dutserver.store.postgres_notify import CHANNEL, PostgresNotifier
+from dutserver.store.postgres_batch import Batch, settle_won
+from dutserver.store.postgres_notify import PostgresNotifier
 from dutserver.store.postgres_schema import migrate
 from dutserver.store.postgres_sql import LOST
 
@@ -48,39 +49,6 @@ def unavailable(exc: BaseException) -> ApiError:
     return ApiError(503, "database unavailable")
 
 
-class _Batch:
-    """What one transaction of the writer will hold."""
-
-    __slots__ = ("audits", "cas", "done", "expected", "inserts", "notifies", "notifies_if_queued",
-                 "notifies_if_won", "ops", "updates")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.inserts: dict[int, tuple[Any, ...]] = {}
-        self.updates: dict[int, tuple[Any, ...]] = {}
-        self.expected: dict[int, str] = {}  # updates that are compare-and-set: the state
-        self.cas: dict[int, asyncio.Future[Any]] = {}  # … and who waits to know if they won
-        self.audits: list[tuple[Any, ...]] = []
-        self.notifies: dict[str, None] = {}  # payloads, in order, once each
-        self.notifies_if_won: dict[int, str] = {}  # task id -> sent if its compare-and-set won
-        # task id -> (sent if its inserted row is still queued at the commit, sent otherwise)
-        self.notifies_if_queued: dict[int, tuple[str, str]] = {}
-        self.ops: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...],
-                             asyncio.Future[Any] | None]] = []
-        self.done: asyncio.Future[Any] = loop.create_future()
-
-
-def _settle_won(cas: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
-    """A compare-and-set that an insert in the same batch superseded: won if that committed."""
-    if cas.done():
-        return
-    if done.cancelled():
-        cas.cancel()
-    elif done.exception() is not None:
-        cas.set_exception(done.exception())  # type: ignore[arg-type]
-    else:
-        cas.set_result(True)
-
-
 class PostgresStore:
     def __init__(self, url: str, node: str, lease_s: float = 5.0, pool_size: int = 8) -> None:
         self.url = url
@@ -90,7 +58,7 @@ class PostgresStore:
         self._pool: Any = None
         self._writer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: _Batch | None = None
+        self._pending: Batch | None = None
         self._scheduled = False
         self._committing = False
         self._unlanded: set[int] = set()  # tasks whose insert was in a batch that failed
@@ -134,11 +102,11 @@ class PostgresStore:
 
     # --- the group commit --------------------------------------------------------------------
 
-    def _batch(self) -> _Batch:
+    def _batch(self) -> Batch:
         batch = self._pending
         if batch is None:
             assert self._loop is not None, "store not open"
-            batch = self._pending = _Batch(self._loop)
+            batch = self._pending = Batch(self._loop)
             if not self._scheduled:
                 self._scheduled = True
                 # One turn later: what this turn's writes woke up writes into the same batch.
@@ -153,7 +121,7 @@ class PostgresStore:
         self._committing = True
         asyncio.ensure_future(self._commit(batch))
 
-    async def _commit(self, batch: _Batch) -> None:
+    async def _commit(self, batch: Batch) -> None:
         try:
             try:
                 won, values = await self._run(batch)
@@ -180,7 +148,7 @@ class PostgresStore:
             if self._pending is not None and not self._scheduled:
                 self._flush()
 
-    def _fail(self, batch: _Batch, exc: BaseException) -> None:
+    def _fail(self, batch: Batch, exc: BaseException) -> None:
         """A batch that did not commit: whoever waits is told; inserts that did not land are
         written whole by their task's next save."""
         self._unlanded.update(batch.inserts)
@@ -200,38 +168,14 @@ class PostgresStore:
         except (*LOST, asyncpg.PostgresError) as exc:
             log.error("database still unavailable: %s", type(exc).__name__)
 
-    async def _run(self, batch: _Batch) -> tuple[set[int], list[Any]]:
+    async def _run(self, batch: Batch) -> tuple[set[int], list[Any]]:
         """The batch in one transaction (one statement unless it has ops): the compare-and-sets
         that won, the ops' values."""
         conn = self._writer
         if conn is None or conn.is_closed():
             await self._reconnect()
             conn = self._writer
-        present = ""
-        args: list[Any] = []
-        if batch.inserts:
-            present += "i"
-            args += pgsql.columns(batch.inserts.values(), 12)
-        plain = [r for i, r in batch.updates.items() if i not in batch.expected]
-        if plain:
-            present += "u"
-            args += pgsql.update_columns(plain)
-        checked = [r for i, r in batch.updates.items() if i in batch.expected]
-        if checked:
-            present += "c"
-            args += [*pgsql.update_columns(checked), [batch.expected[r[0]] for r in checked]]
-        if batch.audits:
-            present += "a"
-            args += pgsql.columns(batch.audits, 5)
-        for task_id, (told, otherwise) in batch.notifies_if_queued.items():
-            row = batch.inserts.get(task_id)
-            batch.notifies[told if row is not None and row[4] == "queued" else otherwise] = None
-        if batch.notifies:
-            present += "n"
-            args += [CHANNEL, list(batch.notifies)]
-        if batch.notifies_if_won:
-            present += "k"
-            args += [CHANNEL, list(batch.notifies_if_won), list(batch.notifies_if_won.values())]
+        present, args = batch.statement()
         won: set[int] = set()
         values: list[Any] = []
         if not batch.ops:  # the usual batch: one statement, its own transaction
@@ -305,7 +249,7 @@ class PostgresStore:
                     batch.notifies[told] = None
                 cas = batch.cas.pop(task.id, None)
                 if cas is not None:
-                    batch.done.add_done_callback(functools.partial(_settle_won, cas))
+                    batch.done.add_done_callback(functools.partial(settle_won, cas))
             return batch.done
         batch.updates[task.id] = row
         if expected is None and task.id not in batch.expected:
