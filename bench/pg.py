@@ -14,7 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-CHANNEL = "dutserver"  # dutserver/store/postgres_notify.py
+from dutserver.store.postgres_notify import CHANNEL
+
 
 
 def with_database(url: str, name: str) -> str:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from dutserver.core import codec
 from dutserver.core.model import Outcome, Task, TaskRecord, TaskState
 from dutserver.store.postgres import PostgresStore
 from pg_support import pg_server, pg_url  # noqa: F401  (fixtures)
@@ -51,8 +52,9 @@ async def heard_within(heard: Heard, task_id: int,
 
 
 def _ended(task: Task, state: TaskState, result: dict[str, object]) -> Outcome:
+    """Ends the task in memory; the outcome the other nodes should be told."""
     task.state, task.finished_ms, task.result = state, 2000, result
-    return Outcome(state.value, 2000, '{"ok":1}' if result == {"ok": 1} else None)
+    return Outcome(state.value, 2000, codec.dumps(result))
 
 
 async def test_an_outcome_that_won_is_told_with_it(two_nodes: Nodes) -> None:
@@ -61,7 +63,7 @@ async def test_an_outcome_that_won_is_told_with_it(two_nodes: Nodes) -> None:
     await a.save_task(task)  # stored, queued
     outcome = _ended(task, TaskState.DONE, {"ok": 1})
     saved = a.save_task(task, "queued")
-    a.notifier.task_finished(task.id, outcome)
+    a.notifier.task_finished(task.id)
     assert await saved is True
     assert await heard_within(heard, 1) == outcome
     assert (await b.task(1)).state == "done"  # type: ignore[union-attr]
@@ -73,14 +75,16 @@ async def test_an_outcome_that_lost_is_not_told(two_nodes: Nodes) -> None:
     await a.save_task(task)
     # Another node ended it first (cancelled); this node's close, expecting "queued", loses.
     assert await b.finish_task(2, "queued", "cancelled", '{"error": true}', 1500)
+    _ended(task, TaskState.DONE, {"ok": 1})
     saved = a.save_task(task, "queued")
-    a.notifier.task_finished(task.id, _ended(task, TaskState.DONE, {"ok": 1}))
+    a.notifier.task_finished(task.id)
     assert await saved is False
     # A later wake-up in the same channel arrives; the lost one never did.
     later = Task(3, "pc1", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
     await a.save_task(later)
+    _ended(later, TaskState.DONE, {"ok": 1})
     saved = a.save_task(later, "queued")
-    a.notifier.task_finished(later.id, _ended(later, TaskState.DONE, {"ok": 1}))
+    a.notifier.task_finished(later.id)
     assert await saved is True
     await heard_within(heard, 3)
     assert [tid for tid, _ in heard] == [3]
@@ -93,7 +97,7 @@ async def test_an_outcome_too_long_to_tell_is_read_back(two_nodes: Nodes) -> Non
     await a.save_task(task)
     task.state, task.finished_ms, task.result = TaskState.DONE, 2000, {"output": "x" * 9000}
     saved = a.save_task(task, "queued")
-    a.notifier.task_finished(task.id, Outcome("done", 2000, '{"output": "' + "x" * 9000 + '"}'))
+    a.notifier.task_finished(task.id)
     assert await saved is True
     assert await heard_within(heard, 4) is None  # the id alone: the node reads it back
 
@@ -106,7 +110,7 @@ async def test_a_queued_task_is_told_with_it_unless_too_long(two_nodes: Nodes) -
                 payload_json='{"cmd": "' + "x" * 9000 + '"}')
     for task in (short, long):
         inserted = a.save_task(task)
-        a.notifier.agent_has_work(task.agent, task)
+        a.notifier.agent_has_work(task.agent, task.id)
         await inserted
     for _ in range(500):
         if len(work) == 2:
@@ -123,7 +127,7 @@ async def test_a_task_handed_over_in_its_insert_batch_is_not_told_as_queued(
     a, work = two_nodes.a, two_nodes.work
     task = Task(7, "pc3", "ping", {}, "admin", 1000, 10**13, payload_json="{}")
     inserted = a.save_task(task)
-    a.notifier.agent_has_work(task.agent, task)
+    a.notifier.agent_has_work(task.agent, task.id)
     task.state, task.delivered_ms, task.delivered_by = TaskState.DELIVERED, 1100, "a"
     handed = a.save_task(task, "queued")  # the same batch: it becomes the inserted row
     await inserted

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from dutserver.core.model import Outcome, Task, TaskRecord
+from dutserver.core.model import Outcome, TaskRecord
 
 
 class LocalNotifier:
@@ -31,16 +31,14 @@ class LocalNotifier:
         # A call on this loop is never missed: no gap to report.
         self._on_work, self._on_finished = on_work, on_finished
 
-    def agent_has_work(self, agent: str, task: Task | None = None) -> None:
+    def agent_has_work(self, agent: str, task_id: int | None = None) -> None:
         # Without the task, as task_finished without the outcome: the others read the store.
         loop = asyncio.get_running_loop()
         for other in self._bus:
             if other is not self and other._on_work is not None:
                 loop.call_soon(other._on_work, agent, None)
 
-    def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
-        # Without the outcome: this notifier cannot make it depend on the commit's
-        # compare-and-set, so the others read what was stored.
+    def task_finished(self, task_id: int) -> None:
         loop = asyncio.get_running_loop()
         for other in self._bus:
             if other is not self and other._on_finished is not None:

@@ -168,16 +168,18 @@ class Notifier(Protocol):
 
     fleet: bool  #: whether other processes listen; when not, the core sends nothing
 
-    def agent_has_work(self, agent: str, task: Task | None = None) -> None:
-        """A task for agent was queued here (sent with the commit of its insert); with the
-        task itself when it is the only one, so that the node where the agent polls need not
-        read it (on_work then gets it as a TaskRecord, else None: read the agent's queue)."""
+    def agent_has_work(self, agent: str, task_id: int | None = None) -> None:
+        """A task for agent was queued here (sent with the commit of its insert). With its id
+        when it is the agent's only one, the notifier may send the task as it commits it, so
+        that the node where the agent polls need not read it (on_work gets a TaskRecord then,
+        else None: read the agent's queue)."""
         ...
 
-    def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
+    def task_finished(self, task_id: int) -> None:
         """This process ended a task that another one may hold (a submitter waits there),
-        with the commit that records it; with its outcome when the commit is a compare-and-set
-        queued in this turn: then sent only if that wins (so what is told is what is stored)."""
+        sent with the commit that records it. When that commit writes the task's row, the
+        notifier may send the outcome it writes (on_finished gets an Outcome then, else None:
+        read it), and for a compare-and-set only if it wins: what is told is what is stored."""
         ...
 
     def subscribe(self, on_work: Callable[[str, TaskRecord | None], None],

@@ -81,12 +81,10 @@ class Sharing:
     # --- compare and set ---------------------------------------------------------------------
 
     def watch_close(self, task: Task, saved: asyncio.Future[Any]) -> None:
-        """After a close: the other nodes are told (a submitter may wait there) with its
-        outcome, in the same commit and only if its compare-and-set wins: a commit and a read
-        off every cross-node round trip. If it lost, the stored outcome is taken over here."""
-        result = None if task.result is None else codec.dumps(task.result)
-        self.tasks.notifier.task_finished(task.id, Outcome(task.state.value, task.finished_ms,
-                                                           result))
+        """After a close: the other nodes are told (a submitter may wait there) in the same
+        commit, with the outcome it writes if its compare-and-set wins: a commit and a read off
+        every cross-node round trip. If it lost, the stored outcome is taken over here."""
+        self.tasks.notifier.task_finished(task.id)
         self._remember_end(task.id)
         saved.add_done_callback(lambda fut: self._closed(task, fut))
 

@@ -168,10 +168,10 @@ class Tasks:
                     f"{kind} to {','.join(targets)[:500]} (task {ids})", address)
         dispatcher = self.dispatcher
         if self.fleet:  # agents not polling here: the node where they poll is woken
-            by_agent: dict[str, Task | None] = {}
+            by_agent: dict[str, int | None] = {}
             for t in tasks:
                 if not dispatcher.has_poll(t.agent):  # the task told, if its agent's only one
-                    by_agent[t.agent] = t if t.agent not in by_agent else None
+                    by_agent[t.agent] = t.id if t.agent not in by_agent else None
             for name, only in by_agent.items():
                 self.notifier.agent_has_work(name, only)
         for task in tasks:

@@ -175,7 +175,7 @@ class PostgresStore:
         if conn is None or conn.is_closed():
             await self._reconnect()
             conn = self._writer
-        present, args = batch.statement()
+        present, args = batch.statement(self.node)
         won: set[int] = set()
         values: list[Any] = []
         if not batch.ops:  # the usual batch: one statement, its own transaction
@@ -204,19 +204,15 @@ class PostgresStore:
         """A NOTIFY sent with the next batch's commit (PostgresNotifier)."""
         self._batch().notifies[payload] = None
 
-    def notify_if_queued(self, task_id: int, payload: str, otherwise: str) -> None:
-        """payload with the next batch's commit if the task's row it inserts is still queued
-        then (it was not handed over or ended in the same batch), else `otherwise`."""
-        self._batch().notifies_if_queued[task_id] = (payload, otherwise)
+    def tell_queued(self, task_id: int, agent: str) -> None:
+        """A wake-up for agent with the next batch's commit: with the task as that inserts it,
+        if it is still queued then (not handed over in the same batch)."""
+        self._batch().tell_queued[task_id] = agent
 
-    def notify_if_won(self, task_id: int, payload: str) -> None:
-        """A NOTIFY sent with the next batch's commit if the task's compare-and-set in it wins;
-        a task without one there (its insert, a plain update) is written anyway: sent."""
-        batch = self._batch()
-        if task_id in batch.expected:
-            batch.notifies_if_won[task_id] = payload
-        else:
-            batch.notifies[payload] = None
+    def tell_finished(self, task_id: int) -> None:
+        """A wake-up for the task's end with the next batch's commit: with the outcome that
+        writes, if it writes one (and for a compare-and-set, if that wins)."""
+        self._batch().tell_finished[task_id] = None
 
     async def barrier(self) -> None:
         await asyncio.shield(self._batch().done)
@@ -244,9 +240,6 @@ class PostgresStore:
                 # writes the newer row, and, nobody else knowing the task, it wins. (One statement
                 # cannot insert a row and update it: its parts see the same snapshot.)
                 batch.expected.pop(task.id, None)
-                told = batch.notifies_if_won.pop(task.id, None)
-                if told is not None:
-                    batch.notifies[told] = None
                 cas = batch.cas.pop(task.id, None)
                 if cas is not None:
                     batch.done.add_done_callback(functools.partial(settle_won, cas))

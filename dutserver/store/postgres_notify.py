@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from dutserver.core.model import Outcome, Task, TaskRecord
+from dutserver.core.model import Outcome, TaskRecord
 from dutserver.store.postgres_sql import LOST
 
 if TYPE_CHECKING:
@@ -19,6 +19,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("dutserver.store")
 CHANNEL = "dutserver"
 _MAX_PAYLOAD = 7900  # PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more
+
+
+# The wake-ups' texts, made by the store's batches (postgres_batch.py) and read here. A row is
+# a task row as the store writes it (postgres_sql.py: TASK_COLUMNS, in that order).
+
+def work(node: str, agent: str) -> str:
+    return f"w:{node}:{agent}"
+
+
+def finished(node: str, task_id: int) -> str:
+    return f"f:{node}:{task_id}"
+
+
+def told_task(node: str, row: tuple[Any, ...]) -> str | None:
+    """The queued task of a row, if it fits in a NOTIFY."""
+    told = "W" + json.dumps([node, row[0], row[1], row[2], row[3], row[5], row[6], row[7]])
+    return told if len(told.encode()) <= _MAX_PAYLOAD else None
+
+
+def told_outcome(node: str, row: tuple[Any, ...]) -> str | None:
+    """The outcome of a row, if it fits in a NOTIFY."""
+    told = "F" + json.dumps([node, row[0], row[4], row[9], row[10]])
+    return told if len(told.encode()) <= _MAX_PAYLOAD else None
 
 
 class PostgresNotifier:
@@ -44,26 +67,14 @@ class PostgresNotifier:
                   on_gap: Callable[[], None]) -> None:
         self._on_work, self._on_finished, self._on_gap = on_work, on_finished, on_gap
 
-    def agent_has_work(self, agent: str, task: Task | None = None) -> None:
-        if task is not None:
-            told = "W" + json.dumps([self.store.node, task.id, agent, task.type,
-                                     task.payload_json, task.submitted_by, task.created_ms,
-                                     task.expires_ms])
-            if len(told.encode()) <= _MAX_PAYLOAD:
-                # As told only if still queued when committed (not handed over here meanwhile).
-                self.store.notify_if_queued(task.id, told, f"w:{self.store.node}:{agent}")
-                return
-        self.store.notify(f"w:{self.store.node}:{agent}")
+    def agent_has_work(self, agent: str, task_id: int | None = None) -> None:
+        if task_id is None:
+            self.store.notify(work(self.store.node, agent))
+        else:  # the store tells the task from the row it commits (postgres_batch.py)
+            self.store.tell_queued(task_id, agent)
 
-    def task_finished(self, task_id: int, outcome: Outcome | None = None) -> None:
-        if outcome is not None:
-            told = "F" + json.dumps([self.store.node, task_id, outcome.state, outcome.finished_ms,
-                                     outcome.result])
-            if len(told.encode()) <= _MAX_PAYLOAD:
-                self.store.notify_if_won(task_id, told)
-                return
-        # Without it, or too long for a NOTIFY: the others read it back.
-        self.store.notify(f"f:{self.store.node}:{task_id}")
+    def task_finished(self, task_id: int) -> None:
+        self.store.tell_finished(task_id)  # likewise, with the outcome if it writes one
 
     async def listen(self) -> None:
         """Connects the listening connection (again, after it was lost)."""
@@ -88,7 +99,7 @@ class PostgresNotifier:
         if node == self.store.node:
             return
         if kind == "w" and self._on_work is not None:
-            self._on_work(what, None)
+            self._on_work(what, None)  # "w:node:agent"
         elif kind == "f" and self._on_finished is not None and what.isdigit():
             self._on_finished(int(what), None)
 

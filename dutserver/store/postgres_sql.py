@@ -70,9 +70,9 @@ UPDATE_IF = (
 NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p"
 AUDIT = ("INSERT INTO audit (at_ms, actor, action, detail, address) SELECT * FROM "
           "unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])")
-# The parts of a write batch, in the order they run, by the letter that names each.
 NOTIFY_IF_WON = ("SELECT pg_notify($1, q.p) FROM unnest($2::bigint[], $3::text[]) AS q(id, p) "
                  "WHERE q.id IN (SELECT id FROM c)")  # c: the compare-and-sets' CTE, below
+# The parts of a write batch, in the order they run, by the letter that names each.
 _PARTS = {"i": INSERT, "u": UPDATE, "c": UPDATE_IF, "a": AUDIT, "n": NOTIFY, "k": NOTIFY_IF_WON}
 
 
