@@ -128,7 +128,7 @@ class PostgresStore:
             except Exception as exc:
                 if pgsql.is_lost(exc):
                     await self._reconnect()
-                    self._fail(batch, unavailable(exc))
+                    self._fail(batch, unavailable(exc), await self._landed(batch.inserts))
                 else:
                     log.error("a write batch failed: %s", exc)
                     self._fail(batch, exc)
@@ -148,15 +148,28 @@ class PostgresStore:
             if self._pending is not None and not self._scheduled:
                 self._flush()
 
-    def _fail(self, batch: Batch, exc: BaseException) -> None:
-        """A batch that did not commit: whoever waits is told; inserts that did not land are
-        written whole by their task's next save."""
-        self._unlanded.update(batch.inserts)
+    def _fail(self, batch: Batch, exc: BaseException, landed: set[int] | None = None) -> None:
+        """A batch that did not commit (or whose commit was not confirmed): whoever waits is
+        told; inserts that did not land are written whole by their task's next save."""
+        self._unlanded.update(i for i in batch.inserts if landed is None or i not in landed)
         for fut in (batch.done, *batch.cas.values(), *(f for _, _, f in batch.ops if f)):
             if not fut.done():
                 fut.set_exception(exc)
         # Nobody may wait for the batch's own future: keep "never retrieved" out of the log.
         batch.done.exception()
+
+    async def _landed(self, ids: dict[int, Any]) -> set[int] | None:
+        """Which of a lost batch's inserted tasks are stored after all (the connection went
+        after the commit): those must not be written whole again (an upsert would undo what
+        another node did with them meanwhile). None when that cannot be read now."""
+        if not ids:
+            return set()
+        try:
+            rows = await self._writer.fetch("SELECT id FROM tasks WHERE id = ANY($1::bigint[])",
+                                            list(ids))
+        except Exception:
+            return None
+        return {r[0] for r in rows}
 
     async def _reconnect(self) -> None:
         try:
