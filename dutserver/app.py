@@ -18,14 +18,14 @@ from dutserver.core.clock import Clock
 from dutserver.core.services import build_services
 from dutserver.http.asgi import build_asgi, fixed_endpoints
 from dutserver.http.openapi import build_openapi
-from dutserver.routes import api, classic, ops
+from dutserver.routes import api, classic, enroll, ops
 from dutserver.store import create_store
 
 log = logging.getLogger("dutserver")
 
 
 def create_app(settings: Settings) -> Starlette:
-    routes = [*classic.routes(), *api.routes(), *ops.routes()]
+    routes = [*classic.routes(), *api.routes(), *enroll.routes(), *ops.routes()]
     openapi = build_openapi(routes)
     endpoints = fixed_endpoints(routes)
 

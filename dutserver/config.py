@@ -70,6 +70,15 @@ class Settings:
     commit_interval_ms: float = field(
         default=0.0, metadata={"help": "under load, at most one database commit per interval "
                                        "(0: a commit per loop turn that wrote)"})
+    enroll_pending_max: int = field(
+        default=200, metadata={"help": "pending enrollment requests per token and per address "
+                                       "(past it the oldest of them expires)"})
+    enroll_token_max_s: float = field(
+        default=366 * 86400.0, metadata={"help": "longest lifetime of an enrollment token"})
+    rdfm_devices: bool = field(
+        default=False, metadata={"help": "serve RDFM devices (their routes answer 404 when off)"})
+    rdfm_token_s: float = field(
+        default=300.0, metadata={"help": "lifetime of an RDFM device token (at least 30 s)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
     access_log: bool = field(default=False, metadata={"help": "log every request"})
 
@@ -152,12 +161,15 @@ def _check(s: Settings) -> None:
     positive = ["poll_timeout_s", "submit_timeout_s", "submit_timeout_max_s", "task_expiry_s",
                 "session_idle_s", "session_max_s", "session_cache_s", "ban_s", "accounts_refresh_s",
                 "sweep_interval_s", "node_heartbeat_s", "node_lease_s", "checkpoint_interval_s", "index_interval_s", "queue_max",
-                "body_max_bytes", "ban_failures", "ban_address_failures"]
+                "body_max_bytes", "ban_failures", "ban_address_failures",
+                "enroll_pending_max", "enroll_token_max_s"]
     for name in positive:
         if getattr(s, name) <= 0:
             raise ValueError(f"{name} must be positive")
     if s.online_grace_s < 0 or s.shutdown_timeout_s < 0:
         raise ValueError("online_grace_s and shutdown_timeout_s must not be negative")
+    if s.rdfm_token_s < 30:
+        raise ValueError("rdfm_token_s must be at least 30 s (RDFM clients renew 5 s early)")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):

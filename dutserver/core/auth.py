@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 from dataclasses import dataclass
 from typing import cast
@@ -39,6 +40,19 @@ class Account:
     name: str
     kind: str
     secret_hash: str
+    next_hash: str | None = None  # a re-keyed agent's new credential, until first used
+    # The task types the agent said it runs (None: it never said; a classic agent runs any).
+    capabilities: frozenset[str] | None = None
+
+
+def _capabilities(text: str | None) -> frozenset[str] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return frozenset(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
 
 
 @dataclass(slots=True)
@@ -66,6 +80,9 @@ class Auth:
         self.throttle = Throttle(settings, store, clock)
         self._rev = -1
         self._next_prune = 0.0
+        # Agents whose credential changed or ended since the last look (revoked, re-keyed,
+        # removed): whoever refreshes ends their parked polls.
+        self.changed_agents: set[str] = set()
 
     async def check_key(self) -> None:
         """Start-up: the agent-digest key must be the one this database's digests were made
@@ -87,11 +104,21 @@ class Auth:
             return False
         rows = await self.store.accounts()
         before = self.accounts
-        self.accounts = {r.name: Account(r.name, r.kind, r.secret_hash) for r in rows}
+        fresh: dict[str, Account] = {}
+        for r in rows:
+            acc = Account(r.name, r.kind, r.secret_hash, r.next_hash,
+                          _capabilities(r.capabilities))
+            old = before.get(r.name)
+            # An unchanged account keeps its object: the headers it proved stay proved
+            # (_remember), so that one agent's change costs the others no HMAC.
+            fresh[r.name] = old if old == acc else acc
+        self.accounts = fresh
         for name, acc in before.items():  # a changed password ends the account's sessions
             current = self.accounts.get(name)
-            if current is not None and current.secret_hash != acc.secret_hash:
+            if current is None or current.secret_hash != acc.secret_hash:
                 self.revoke_account(name)
+                if acc.kind == "agent":
+                    self.changed_agents.add(name)  # its parked polls end (Services.refresh)
         self._rev = rev
         for digest, sess in list(self.sessions.items()):
             owner = self.accounts.get(sess.account)
@@ -117,12 +144,12 @@ class Auth:
         when they cannot tell (then `agent` looks again after a refresh). Raises when banned."""
         acc = self._verified.get(header) if header else None
         if acc is not None and self.accounts.get(acc.name) is acc:
-            self.throttle.check(acc.name, address)
+            # A valid credential is never refused for what others did from its address (a
+            # re-imaged room behind one NAT): throttling is for the ones that fail.
             return acc.name
         name, secret = parse_credentials(header)
         if name is None:
             raise ApiError(403, "Authorization failure")
-        self.throttle.check(name, address)
         if not self._agent_matches(name, self._agent_digest(secret)):
             return None
         self._remember(cast(str, header), self.accounts[name])
@@ -150,7 +177,11 @@ class Auth:
         await self.refresh()
         if self._agent_matches(name, digest):
             return name
-        self._failure(name, address, "agent_auth_failed")
+        # Only now the throttle: a banned pair gets 429 instead of 403. A known name counts
+        # per (name, address) only; an unknown one counts against its address too (a scan).
+        self.throttle.check(name, address, whole_address=name not in self.accounts)
+        self._failure(name, address, "agent_auth_failed",
+                      per_address=name not in self.accounts)
         raise ApiError(403, "Authorization failure")
 
     def _agent_digest(self, secret: str) -> str:
@@ -161,12 +192,34 @@ class Auth:
 
     def _agent_matches(self, name: str, digest: str) -> bool:
         acc = self.accounts.get(name)
-        return (acc is not None and acc.kind == "agent"
-                and hmac.compare_digest(digest, acc.secret_hash))
+        if acc is None or acc.kind != "agent":
+            return False
+        if hmac.compare_digest(digest, acc.secret_hash):
+            return True
+        if acc.next_hash is not None and hmac.compare_digest(digest, acc.next_hash):
+            # A re-keyed agent's first use of its new credential: from now on only that one
+            # works (the old one kept working until here, in case the agent died midway).
+            promoted = Account(acc.name, acc.kind, acc.next_hash, None, acc.capabilities)
+            self.accounts[name] = promoted
+            self.revoke_account(name)
+            asyncio.ensure_future(self._promote(name, acc.next_hash))
+            return True
+        return False
 
-    def _failure(self, name: str, address: str, action: str) -> None:
-        self.store.audit(name, action, "bad credentials", address)
-        banned = self.throttle.failed(name, address)
+    async def _promote(self, name: str, next_hash: str) -> None:
+        try:
+            await self.store.promote_secret(name, next_hash, self.clock.now_ms())
+        except Exception:  # the store is away: the old credential works until it is back
+            log.exception("recording %s's new credential failed", name)
+
+    def enrollment_failure(self, address: str, what: str) -> None:
+        """A wrong enrollment token or credential: counted against the address, as logins."""
+        self._failure("(enrollment)", address, "enroll_failed", detail=what)
+
+    def _failure(self, name: str, address: str, action: str, per_address: bool = True,
+                 detail: str = "bad credentials") -> None:
+        self.store.audit(name, action, detail, address)
+        banned = self.throttle.failed(name, address, per_address)
         if banned:
             log.warning("banned %s for %s s", banned, self.s.ban_s)
             self.store.audit(name, "ban", f"banned {banned} for {self.s.ban_s:g} s", address)

@@ -25,6 +25,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_SECRET = {"agent": 16, "admin": 8}
 MAX_SECRET = 1024  # argon2 would happily hash megabytes; nobody's password is that long
 AGENT_PREFIX = "hmac-sha256$"
+REVOKED = "revoked$"  # a revoked agent's secret digest: no credential hashes to it
 _hasher = PasswordHasher()
 # Unknown users are checked against this, so a wrong name takes as long as a wrong password.
 DUMMY_HASH = _hasher.hash(secrets.token_hex(16))

@@ -170,6 +170,12 @@ class Dispatcher:
     def parked_count(self) -> int:
         return sum(len(s.polls) for s in self.slots.values())
 
+    def end_polls(self, agent: str) -> None:
+        """The agent's parked polls end now, empty (its credential ended: the next is refused)."""
+        slot = self.slots.get(agent)
+        while slot is not None and slot.polls:
+            slot.polls.popleft().settle(None)
+
     def close(self) -> None:
         """Shutdown: every parked poll ends now, empty; new polls end at once too."""
         self.closing = True

@@ -104,6 +104,8 @@ class AccountRecord:
     secret_hash: str
     created_ms: int
     updated_ms: int
+    next_hash: str | None = None  # a re-keyed agent's new credential, until it is first used
+    capabilities: str | None = None  # JSON list of the task types the agent runs, if it said
 
 
 @dataclass(slots=True)
@@ -134,3 +136,44 @@ class AuditRecord:
     action: str
     detail: str | None
     address: str | None
+
+
+@dataclass(slots=True)
+class EnrollTokenRecord:
+    """A token machines enroll with (stored as its digest; the token is shown once)."""
+
+    id: int
+    digest: str
+    note: str
+    created_by: str
+    created_ms: int
+    expires_ms: int
+    max_uses: int | None  # None: unlimited until it expires
+    uses: int
+    labels: str  # JSON object, given to the machines that join with it
+    auto_accept: bool
+    revoked_ms: int | None
+
+
+@dataclass(slots=True)
+class EnrollmentRecord:
+    """A machine's request to join (our agent, an RDFM device, an OCO agent), and its fate."""
+
+    id: int
+    kind: str  # agent | rdfm | oco
+    state: str  # pending | accepted | rejected | revoked | expired
+    name: str  # the name asked for; once accepted, the agent's name
+    facts: str  # JSON object: hostname, machine id, OS, MACs, version (or a device's metadata)
+    capabilities: str | None  # JSON list of task types, as the machine declared them
+    token_id: int | None
+    address: str | None
+    secret_hash: str | None  # keyed digest of the agent's own credential
+    device_id: str | None  # machine id, or an RDFM device's id
+    key_fp: str | None  # an RDFM device's key: SHA-256 of its SPKI
+    public_key: str | None
+    duplicate_of: str | None  # an agent whose name or machine id this one also claims
+    labels: str  # JSON object
+    created_ms: int
+    updated_ms: int
+    decided_ms: int | None
+    decided_by: str | None

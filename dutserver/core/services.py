@@ -10,6 +10,7 @@ from dutserver.config import Settings
 from dutserver.core.accounts import Accounts
 from dutserver.core.auth import Auth
 from dutserver.core.dispatcher import Dispatcher
+from dutserver.core.enrollment import Enrollment
 from dutserver.core.fleet import Fleet
 from dutserver.core.clock import Clock
 from dutserver.core.ports import Notifier, Store
@@ -23,6 +24,7 @@ class Services:
     tasks: Tasks
     fleet: Fleet
     accounts: Accounts
+    enrollment: Enrollment
     openapi: bytes = b"{}"  # this server's OpenAPI description (http/openapi.py)
 
     @property
@@ -54,6 +56,7 @@ class Services:
         await self.auth.refresh()
         if before - set(self.auth.accounts):
             self.tasks.cancel_for_removed_agents()
+        self.tasks.end_polls_of_changed()
 
     def sweep(self) -> None:
         """Every sweep_interval_s, and once more at shutdown: expiries, last-seen times,
@@ -69,4 +72,5 @@ def build_services(settings: Settings, store: Store, notifier: Notifier,
     dispatcher = Dispatcher(settings.online_grace_s, clock)
     tasks = Tasks(settings, store, notifier, clock, dispatcher, auth)
     return Services(settings, auth, tasks, Fleet(store, dispatcher, auth, clock, notifier.fleet),
-                    Accounts(store, clock, auth, tasks))
+                    Accounts(store, clock, auth, tasks),
+                    Enrollment(settings, store, clock, auth, tasks))

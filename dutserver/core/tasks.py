@@ -23,6 +23,7 @@ from dutserver.config import Settings
 from dutserver.core import codec
 from dutserver.core.auth import Auth
 from dutserver.core.dispatcher import Dispatcher
+from dutserver.core.credentials import REVOKED
 from dutserver.core.errors import ApiError, unknown_agent
 from dutserver.core.model import FINAL_STATES, Task, TaskFilter, TaskState
 from dutserver.core.clock import Clock
@@ -147,6 +148,12 @@ class Tasks:
             acc = self.auth.accounts.get(name) if isinstance(name, str) else None
             if acc is None or acc.kind != "agent":
                 raise unknown_agent(str(name))
+            caps = acc.capabilities
+            if caps is not None and kind not in caps:
+                raise ApiError(400, f"Agent {name} does not run task type {kind} (it offers: "
+                                    f"{', '.join(sorted(caps)) or 'nothing'})")
+            if acc.secret_hash == REVOKED:
+                raise ApiError(409, f"Agent {name} is revoked")
             pending[name] = pending.get(name, 0) + 1
             if self.dispatcher.queued(name) + pending[name] > self.s.queue_max:
                 raise ApiError(503, "Task queue is full")
@@ -388,6 +395,13 @@ class Tasks:
                              slot.online_until_ms))
         if seen:
             self.store.agents_seen(seen)
+
+    def end_polls_of_changed(self) -> None:
+        """Agents whose credential was revoked or replaced (Auth.changed_agents): their parked
+        polls are answered now, and their next request is checked against what is stored."""
+        changed = self.auth.changed_agents
+        while changed:
+            self.dispatcher.end_polls(changed.pop())
 
     def cancel_for_removed_agents(self) -> None:
         for task in list(self.dispatcher.active.values()):

@@ -39,11 +39,14 @@ class Throttle:
                 stored[key] = until
         self._banned = stored
 
-    def check(self, account: str, address: str) -> None:
+    def check(self, account: str, address: str, whole_address: bool = True) -> None:
+        """429 while the pair, or (whole_address) the address, is banned."""
         if not self._banned:
             return  # the usual case: nobody is banned
         now = self.clock.now_ms()
-        for key in (ban_key(account, address), address):
+        keys = (ban_key(account, address), address) if whole_address else (
+            ban_key(account, address),)
+        for key in keys:
             until = self._banned.get(key)
             if until is not None:
                 if until > now:
@@ -51,17 +54,20 @@ class Throttle:
                                    {"Retry-After": str(max(1, round((until - now) / 1000)))})
                 del self._banned[key]
 
-    def failed(self, account: str, address: str) -> str | None:
-        """Records a failure; returns what got banned by it, if anything."""
+    def failed(self, account: str, address: str, per_address: bool = True) -> str | None:
+        """Records a failure (per_address: against the whole address too); returns what got
+        banned by it, if anything."""
         now = self.clock.monotonic()
         window = max(self.s.ban_s, 60.0)  # failures count for a minute, however short the ban
         count, first = self._pair.get((account, address), (0, now))
         count = count + 1 if now - first < window else 1
         self._pair[(account, address)] = (count, first if count > 1 else now)
-        acount, afirst = self._addr.get(address, (0, now))
-        acount = acount + 1 if now - afirst < 60 else 1
-        self._addr[address] = (acount, afirst if acount > 1 else now)
-        if acount >= self.s.ban_address_failures:
+        acount = 0
+        if per_address:
+            acount, afirst = self._addr.get(address, (0, now))
+            acount = acount + 1 if now - afirst < 60 else 1
+            self._addr[address] = (acount, afirst if acount > 1 else now)
+        if per_address and acount >= self.s.ban_address_failures:
             self._ban(ban_key(None, address))
             self._addr.pop(address, None)
             return f"address {address}"

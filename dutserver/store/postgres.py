@@ -30,6 +30,8 @@ from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, Sessi
                                   TaskFilter, TaskRecord)
 from dutserver.core.ports import AccountExists
 from dutserver.store import postgres_sql as pgsql
+from dutserver.store import portable
+from dutserver.store.enrollment_sql import EnrollmentStore
 from dutserver.store.postgres_batch import Batch, settle_won
 from dutserver.store.postgres_notify import PostgresNotifier
 from dutserver.store.postgres_schema import migrate
@@ -49,7 +51,7 @@ def unavailable(exc: BaseException) -> ApiError:
     return ApiError(503, "database unavailable")
 
 
-class PostgresStore:
+class PostgresStore(EnrollmentStore):
     def __init__(self, url: str, node: str, lease_s: float = 5.0, pool_size: int = 8) -> None:
         self.url = url
         self.node = node
@@ -325,12 +327,10 @@ class PostgresStore:
             "SELECT value FROM settings WHERE key = 'accounts_rev'"))
 
     async def accounts(self) -> list[AccountRecord]:
-        return [AccountRecord(*r) for r in await self._fetch(
-            "SELECT name, type, secret_hash, created_ms, updated_ms FROM accounts ORDER BY name")]
+        return [AccountRecord(*r) for r in await self._fetch(pgsql.ACCOUNTS + " ORDER BY a.name")]
 
     async def account(self, name: str) -> AccountRecord | None:
-        row = await self._fetchrow("SELECT name, type, secret_hash, created_ms, updated_ms "
-                                   "FROM accounts WHERE name = $1", name)
+        row = await self._fetchrow(pgsql.ACCOUNTS + " WHERE a.name = $1", name)
         return AccountRecord(*row) if row else None
 
     async def add_account(self, name: str, kind: str, secret_hash: str, now_ms: int) -> None:
@@ -411,6 +411,18 @@ class PostgresStore:
                                   before_id, limit) if before_id is not None
                 else await self._fetch(sql + " ORDER BY id DESC LIMIT $1", limit))
         return [AuditRecord(*r) for r in rows]
+
+    # --- operations written once for both stores (store/portable.py) ------------------------
+
+    async def _steps(self, operation: Any, *args: Any) -> Any:
+        return portable.value(await self._write(portable.run_postgres, operation, *args))
+
+    async def _steps_read(self, operation: Any, *args: Any) -> Any:
+        try:
+            async with self._pool.acquire() as conn:
+                return await portable.run_postgres(conn, operation, *args)
+        except Exception as exc:
+            raise unavailable(exc) if pgsql.is_lost(exc) else exc from None
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from dutserver.store import enrollment_sql
+from dutserver.store.portable import POSTGRES_TYPES
+
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE accounts (
@@ -63,6 +66,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE nodes (name TEXT PRIMARY KEY, started_ms BIGINT NOT NULL,
                         seen_ms BIGINT NOT NULL);
     """,
+    # Enrollment (written once for both stores: store/enrollment_sql.py).
+    enrollment_sql.SCHEMA.format(**POSTGRES_TYPES),
 ]
 
 _LOCK = 0x64757473  # "duts": the advisory lock that serializes migrations between nodes

@@ -26,6 +26,8 @@ def is_lost(exc: BaseException) -> bool:
 
 TASK_COLUMNS = ("id, agent, type, payload, state, submitted_by, created_ms, expires_ms, "
                 "delivered_ms, finished_ms, result, delivered_by")
+ACCOUNTS = ("SELECT a.name, a.type, a.secret_hash, a.created_ms, a.updated_ms, a.next_hash, "
+            "g.capabilities FROM accounts a LEFT JOIN agents g ON g.name = a.name")
 _NO_RESULT = json.dumps({"error": True, "msg": "no result"})
 _EXPIRED = json.dumps({"error": True, "msg": "expired in queue"})
 
@@ -139,7 +141,8 @@ async def _bump_accounts_rev(conn: Any) -> None:
 
 
 async def add_account(conn: Any, name: str, kind: str, secret_hash: str, now_ms: int) -> bool:
-    added = await conn.fetchval("INSERT INTO accounts VALUES ($1, $2, $3, $4, $4) "
+    added = await conn.fetchval("INSERT INTO accounts (name, type, secret_hash, created_ms, "
+                                "updated_ms) VALUES ($1, $2, $3, $4, $4) "
                                 "ON CONFLICT (name) DO NOTHING RETURNING name",
                                 name, kind, secret_hash, now_ms)
     if added is not None:

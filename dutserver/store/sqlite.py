@@ -20,7 +20,9 @@ from dutserver.core import codec
 from dutserver.core.clock import now_ms as wall_ms
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord, Task,
                                   TaskFilter, TaskRecord)
+from dutserver.store import portable
 from dutserver.store import sqlite_sql as sql
+from dutserver.store.enrollment_sql import EnrollmentStore
 from dutserver.store.sqlite_schema import connect
 from dutserver.store.writer import (GroupCommitWriter, InlineGroupCommitWriter, RowBatches,
                                     background_priority, checkpoint)
@@ -42,7 +44,7 @@ class _Call:
         return self.fn(conn, *self.args)
 
 
-class SqliteStore:
+class SqliteStore(EnrollmentStore):
     """The database as the server uses it: group-committed writes, reads on a reader thread."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL", commit_interval_s: float = 0.0,
@@ -117,6 +119,13 @@ class SqliteStore:
 
     def _write_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
         self.writer.write_nowait(_Call(fn, *args))
+
+    async def _steps(self, operation: Any, *args: Any) -> Any:
+        """An operation written once for both stores (store/portable.py), in the next batch."""
+        return await self._write(portable.run_sqlite, operation, *args)
+
+    async def _steps_read(self, operation: Any, *args: Any) -> Any:
+        return await self.read(portable.run_sqlite, operation, *args)
 
     def periodic(self) -> list[tuple[float, Callable[[], Awaitable[None]]]]:
         # The checkpoint once a second: every 0.1 s made the half-load p99 neither better nor

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from dutserver.store import enrollment_sql
+from dutserver.store.portable import SQLITE_TYPES
+
 # Numbered migrations, applied in order at start; PRAGMA user_version records how far we got.
 MIGRATIONS: list[str] = [
     """
@@ -124,6 +127,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE agents ADD COLUMN online_until_ms INTEGER;
     """,
+    # Enrollment (written once for both stores: store/enrollment_sql.py).
+    enrollment_sql.SCHEMA.format(**SQLITE_TYPES),
 ]
 
 

@@ -44,7 +44,8 @@ def _task(row: Sequence[Any]) -> TaskRecord:
 def account_add(conn: sqlite3.Connection, name: str, kind: str, secret_hash: str,
                 now_ms: int) -> None:
     try:
-        conn.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?)",
+        conn.execute("INSERT INTO accounts (name, type, secret_hash, created_ms, updated_ms) "
+                     "VALUES (?, ?, ?, ?, ?)",
                      (name, kind, secret_hash, now_ms, now_ms))
     except sqlite3.IntegrityError as exc:
         raise AccountExists(name) from exc
@@ -70,9 +71,10 @@ def account_remove(conn: sqlite3.Connection, name: str) -> bool:
 
 
 def accounts(conn: sqlite3.Connection, name: str | None = None) -> list[AccountRecord]:
-    sql = "SELECT name, type, secret_hash, created_ms, updated_ms FROM accounts"
-    rows = (conn.execute(sql + " WHERE name = ?", (name,)) if name is not None
-            else conn.execute(sql + " ORDER BY name"))
+    sql = ("SELECT a.name, a.type, a.secret_hash, a.created_ms, a.updated_ms, a.next_hash, "
+           "g.capabilities FROM accounts a LEFT JOIN agents g ON g.name = a.name")
+    rows = (conn.execute(sql + " WHERE a.name = ?", (name,)) if name is not None
+            else conn.execute(sql + " ORDER BY a.name"))
     return [AccountRecord(*row) for row in rows]
 
 
