@@ -230,3 +230,68 @@ def accounts(database: str) -> None:
     click.echo(f"{'NAME':<{width}}  TYPE")
     for row in rows:
         click.echo(f"{row.name:<{width}}  {row.kind}")
+
+
+@main.command("enroll-token")
+@click.argument("database", metavar="DB")
+@click.option("--expires", default="1d", show_default=True,
+              help="lifetime: seconds, or 30m, 12h, 7d")
+@click.option("--uses", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
+              help="how many machines may join with it")
+@click.option("--unlimited", is_flag=True, help="any number of machines until it expires")
+@click.option("--label", "labels", multiple=True, metavar="NAME=VALUE",
+              help="a label the machines joining with it get (repeatable)")
+@click.option("--auto-accept", is_flag=True,
+              help="machines joining with it are accepted at once (a trusted lab's image)")
+@click.option("--note", default="", help="what the token is for")
+@click.option("--list", "listing", is_flag=True, help="list the tokens instead")
+@click.option("--revoke", type=int, metavar="ID", help="revoke token ID instead")
+def enroll_token(database: str, expires: str, uses: int, unlimited: bool, labels: tuple[str, ...],
+                 auto_accept: bool, note: str, listing: bool, revoke: int | None) -> None:
+    """Create an enrollment token (printed once; `dutagent enroll URL TOKEN` on each PC), or
+    list (--list) or revoke (--revoke ID) them."""
+    from dutserver.core import enrollment
+    _must_exist(database)
+    settings = _settings(database)
+    if listing:
+        rows = _with_store(settings, lambda store: store.enroll_tokens())
+        click.echo(f"{'ID':>5}  {'STATE':<9}  {'USES':>9}  {'EXPIRES':<24}  NOTE")
+        for t in rows:
+            view = enrollment.token_view(t, now_ms())
+            used = f"{t.uses}/{t.max_uses if t.max_uses is not None else '-'}"
+            click.echo(f"{t.id:>5}  {view['state']:<9}  {used:>9}  {view['expires_at']:<24}  "
+                       f"{t.note}")
+        return
+    if revoke is not None:
+        async def end(store: Store) -> bool:
+            done = await store.revoke_enroll_token(revoke, now_ms())
+            if done:
+                store.audit("cli", "enroll_token_revoke", f"token {revoke}", None)
+            return done
+        if not _with_store(settings, end):
+            _fail(f"no active enrollment token {revoke}")
+        click.echo(f"Revoked enrollment token {revoke}")
+        return
+    try:
+        body = {"expires_s": enrollment.parse_duration(expires),
+                "max_uses": None if unlimited else uses, "auto_accept": auto_accept,
+                "note": note, "labels": dict(_label(text) for text in labels)}
+    except ValueError as exc:
+        _fail(str(exc))
+    key = _key(settings)
+    try:
+        view = _with_store(settings, lambda store: enrollment.create_token(
+            store, key, body, "cli", None, now_ms(), settings.enroll_token_max_s))
+    except ApiError as exc:
+        _fail(exc.msg)
+    click.echo(view["token"])
+    click.echo(f"# token {view['id']}: {view['max_uses'] or 'unlimited'} use(s), expires "
+               f"{view['expires_at']}; shown once. On each PC: dutagent enroll URL TOKEN",
+               err=True)
+
+
+def _label(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"not a label: {text!r} (use NAME=VALUE)")
+    return name.strip(), value.strip()

@@ -126,6 +126,47 @@ def enrollment_view(e: EnrollmentRecord) -> dict[str, Any]:
             "decided_by": e.decided_by}
 
 
+async def create_token(store: Store, key: bytes, body: dict[str, Any], actor: str,
+                       address: str | None, now: int, max_s: float) -> dict[str, Any]:
+    """Validates body ({"expires_s", "max_uses", "labels", "auto_accept", "note"}), stores
+    the new token's digest, audits it; returns its view with the token (shown this once).
+    The API and `dutserver enroll-token` both come here."""
+    expires_s = body.get("expires_s", 86400)
+    if isinstance(expires_s, bool) or not isinstance(expires_s, (int, float)) or \
+            not 0 < expires_s <= max_s:
+        raise ApiError(400, f"expires_s must be a number of seconds between 0 and {max_s:g}")
+    max_uses = body.get("max_uses", 1)
+    if max_uses is not None and (isinstance(max_uses, bool) or not isinstance(max_uses, int)
+                                 or not 0 < max_uses <= 1_000_000):
+        raise ApiError(400, "max_uses must be a whole number from 1 to 1000000, or null "
+                            "for unlimited until it expires")
+    auto_accept = body.get("auto_accept", False)
+    if not isinstance(auto_accept, bool):
+        raise ApiError(400, "auto_accept must be true or false")
+    note = _safe_text(body.get("note", ""), "note", 200)
+    labels = check_labels(body.get("labels", {}))
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    expires_ms = now + int(expires_s * 1000)
+    token_id = await store.add_enroll_token(token_digest(key, token), note, actor, now,
+                                            expires_ms, max_uses, labels, auto_accept)
+    uses = "unlimited" if max_uses is None else str(max_uses)
+    store.audit(actor, "enroll_token_create",
+                f"token {token_id} ({note or 'no note'}): {uses} uses, "
+                f"auto_accept {'on' if auto_accept else 'off'}, labels {labels}", address)
+    view = token_view(EnrollTokenRecord(token_id, "", note, actor, now, expires_ms, max_uses, 0,
+                                        labels, auto_accept, None), now)
+    return {**view, "token": token}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "3600", "90s", "30m", "12h", "7d" (command lines)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 3600, 30m, 12h or 7d)")
+    return float(match.group(1)) * units[match.group(2) or "s"]
+
+
 class Enrollment:
     def __init__(self, settings: Settings, store: Store, clock: Clock, auth: Auth,
                  tasks: Tasks) -> None:
@@ -140,34 +181,8 @@ class Enrollment:
     async def create_token(self, body: dict[str, Any], actor: str,
                            address: str | None) -> dict[str, Any]:
         """A new token, shown once in the answer; the store keeps its digest."""
-        expires_s = body.get("expires_s", 86400)
-        if isinstance(expires_s, bool) or not isinstance(expires_s, (int, float)) or \
-                not 0 < expires_s <= self.s.enroll_token_max_s:
-            raise ApiError(400, "expires_s must be a number of seconds between 0 and "
-                                f"{self.s.enroll_token_max_s:g}")
-        max_uses = body.get("max_uses", 1)
-        if max_uses is not None and (isinstance(max_uses, bool) or not isinstance(max_uses, int)
-                                     or not 0 < max_uses <= 1_000_000):
-            raise ApiError(400, "max_uses must be a whole number from 1 to 1000000, or null "
-                                "for unlimited until it expires")
-        auto_accept = body.get("auto_accept", False)
-        if not isinstance(auto_accept, bool):
-            raise ApiError(400, "auto_accept must be true or false")
-        note = _safe_text(body.get("note", ""), "note", 200)
-        labels = check_labels(body.get("labels", {}))
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        now = self.clock.now_ms()
-        token_id = await self.store.add_enroll_token(
-            token_digest(self.auth.key, token), note, actor, now, now + int(expires_s * 1000),
-            max_uses, labels, auto_accept)
-        uses = "unlimited" if max_uses is None else str(max_uses)
-        self.store.audit(actor, "enroll_token_create",
-                         f"token {token_id} ({note or 'no note'}): {uses} uses, "
-                         f"auto_accept {'on' if auto_accept else 'off'}, labels {labels}", address)
-        view = token_view(EnrollTokenRecord(token_id, "", note, actor, now,
-                                            now + int(expires_s * 1000), max_uses, 0, labels,
-                                            auto_accept, None), now)
-        return {**view, "token": token}
+        return await create_token(self.store, self.auth.key, body, actor, address,
+                                  self.clock.now_ms(), self.s.enroll_token_max_s)
 
     async def tokens(self) -> list[dict[str, Any]]:
         now = self.clock.now_ms()

@@ -72,4 +72,8 @@ class Fleet:
             self.fleet and (record.online_until_ms or 0) > self.clock.now_ms())
         return {"name": record.name, "online": online,
                 "last_seen": iso(last_seen_ms), "address": address, "agent_version": version,
-                "inventory": json.loads(record.inventory) if record.inventory else None}
+                "inventory": json.loads(record.inventory) if record.inventory else None,
+                "capabilities": json.loads(record.capabilities) if record.capabilities else None,
+                "facts": json.loads(record.facts) if record.facts else {},
+                "labels": json.loads(record.labels) if record.labels else {},
+                "revoked": record.revoked}

@@ -126,6 +126,10 @@ class AgentRecord:
     version: str | None
     inventory: str | None  # JSON, when asked for
     online_until_ms: int | None = None  # online on some node until then (as last written)
+    capabilities: str | None = None  # JSON list of task types, as the agent declared them
+    facts: str | None = None  # JSON object: what the agent says of itself (or a device's metadata)
+    labels: str | None = None  # JSON object, set by admins (or given by an enrollment token)
+    revoked: bool = False
 
 
 @dataclass(slots=True)

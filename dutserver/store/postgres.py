@@ -25,6 +25,7 @@ import asyncpg
 from dutserver.config import redact_url
 from dutserver.core import codec
 from dutserver.core.clock import now_ms as wall_ms
+from dutserver.core.credentials import REVOKED
 from dutserver.core.errors import ApiError
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord, Task,
                                   TaskFilter, TaskRecord)
@@ -394,11 +395,12 @@ class PostgresStore(EnrollmentStore):
     async def agents(self, with_inventory: bool, name: str | None = None) -> list[AgentRecord]:
         inventory = "s.inventory" if with_inventory else "NULL"
         sql = (f"SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {inventory}, "
-               "s.online_until_ms "
+               "s.online_until_ms, s.capabilities, s.facts, s.labels, a.secret_hash "
                "FROM accounts a LEFT JOIN agents s ON s.name = a.name WHERE a.type = 'agent'")
         rows = (await self._fetch(sql + " AND a.name = $1", name) if name is not None
                 else await self._fetch(sql + " ORDER BY a.name"))
-        return [AgentRecord(*r) for r in rows]
+        return [AgentRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                        r[9] == REVOKED) for r in rows]
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:
         self._batch().audits.append((wall_ms(), pgsql.text(actor), action, pgsql.text(detail) or "",

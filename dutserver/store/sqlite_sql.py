@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from dutserver.core.credentials import REVOKED
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, SessionRecord,
                                   TaskFilter, TaskRecord)
 from dutserver.core.ports import AccountExists
@@ -164,11 +165,13 @@ def agents(conn: sqlite3.Connection, with_inventory: bool,
     sql = _AGENTS_WITH_INVENTORY if with_inventory else _AGENTS
     rows = (conn.execute(sql + " AND a.name = ?", (name,)) if name is not None
             else conn.execute(sql + " ORDER BY a.name"))
-    return [AgentRecord(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [AgentRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                        r[9] == REVOKED) for r in rows]
 
 
 _AGENTS_SELECT = ("SELECT a.name, s.last_seen_ms, s.address, s.agent_version, {}, "
-                  "s.online_until_ms FROM accounts a LEFT JOIN agents s ON s.name = a.name "
+                  "s.online_until_ms, s.capabilities, s.facts, s.labels, a.secret_hash "
+                  "FROM accounts a LEFT JOIN agents s ON s.name = a.name "
                   "WHERE a.type = 'agent'")
 _AGENTS_WITH_INVENTORY = _AGENTS_SELECT.format("s.inventory")
 _AGENTS = _AGENTS_SELECT.format("NULL")
