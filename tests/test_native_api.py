@@ -303,7 +303,8 @@ def test_agent_that_never_polled(shared: RunningServer, token: str) -> None:
     agent = add_agent(shared, token)
     view = _agents(shared, token)[agent.name]
     assert view == {"name": agent.name, "online": False, "last_seen": None, "address": None,
-                    "agent_version": None, "inventory": None}
+                    "agent_version": None, "inventory": None, "capabilities": None,
+                    "facts": {}, "labels": {}, "revoked": False}
     assert "admin" not in _agents(shared, token)
 
 
