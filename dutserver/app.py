@@ -18,14 +18,17 @@ from dutserver.core.clock import Clock
 from dutserver.core.services import build_services
 from dutserver.http.asgi import build_asgi, fixed_endpoints
 from dutserver.http.openapi import build_openapi
-from dutserver.routes import api, classic, enroll, ops
+from dutserver.routes import api, classic, enroll, ops, rdfm
 from dutserver.store import create_store
 
 log = logging.getLogger("dutserver")
 
 
 def create_app(settings: Settings) -> Starlette:
-    routes = [*classic.routes(), *api.routes(), *enroll.routes(), *ops.routes()]
+    # Other systems' agent protocols are served only when switched on: off, their paths are
+    # nobody's (404, like any unknown path).
+    devices = rdfm.routes() if settings.rdfm_devices else []
+    routes = [*classic.routes(), *api.routes(), *enroll.routes(), *devices, *ops.routes()]
     openapi = build_openapi(routes)
     endpoints = fixed_endpoints(routes)
 

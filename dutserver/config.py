@@ -93,6 +93,13 @@ class Settings:
         return self.db_path.with_name(self.db_path.name + ".key")
 
     @property
+    def rdfm_key_path(self) -> Path:
+        """The key that signs RDFM device tokens: the agent-digest key's file name + ".rdfm",
+        beside it, created on first use; every node of one database needs a copy of it too
+        (a token issued by one node is checked by the others)."""
+        return self.key_path.with_name(self.key_path.name + ".rdfm")
+
+    @property
     def database(self) -> str:
         """The database for messages: the SQLite file, or the URL without its password."""
         return redact_url(self.db_url) if self.db_url else str(self.db_path)

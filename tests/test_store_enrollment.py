@@ -126,3 +126,64 @@ async def test_profiles_and_adoption(open_store: OpenStore) -> None:  # noqa: F8
     assert adopted.state == "accepted" and adopted.name == "classic"  # type: ignore[union-attr]
     assert await store.adopt_agent("classic", "{}", "admin", 6) == "already enrolled"
     assert await store.adopt_agent("nobody", "{}", "admin", 6) == "unknown"
+
+
+DEVICE, DEVICE_NAME = "52:54:00:12:34:56", "rdfm-52-54-00-12-34-56"
+
+
+async def _device(store: object, key_fp: str, now: int, version: str = "v1") -> object:
+    added = await store.add_enrollment(  # type: ignore[attr-defined]
+        "rdfm", None, DEVICE_NAME, json.dumps({"rdfm.software.version": version}), None,
+        "10.0.0.9", None, DEVICE, key_fp, "PEM", now, 100)
+    return added[0]
+
+
+async def test_rdfm_devices_entries_facts_and_key_rotation(open_store: OpenStore) -> None:  # noqa: F811
+    """An RDFM device's entries by (id, key); what its authentication refreshes (facts only);
+    a new key of an accepted device, accepted, rotates the key: same agent, old entry revoked."""
+    one, two = await open_store("a"), await open_store("b")
+    first = await _device(one, "k1", 10)
+    assert [e.id for e in await two.device_entries(DEVICE, "k1")] == [first.id]  # type: ignore[attr-defined]
+    assert await two.device_entries(DEVICE, "k2") == []
+    assert await two.device_entries("other", "k1") == []
+    accepted = await two.accept_enrollment(first.id, None, '{"room": "7"}', "admin", 11)  # type: ignore[attr-defined]
+    assert (accepted.state, accepted.name) == ("accepted", DEVICE_NAME)  # type: ignore[union-attr]
+    account = await one.account(DEVICE_NAME)
+    assert account is not None and account.secret_hash == f"device${first.id}"  # type: ignore[attr-defined]
+    # Authenticating replaces the agent's facts, and nothing else of it.
+    await one.set_agent_profile(DEVICE_NAME, '["shell"]', None)
+    await one.device_seen(first.id, DEVICE_NAME, '{"rdfm.software.version": "v2"}',  # type: ignore[attr-defined]
+                          "10.0.0.10", 12)
+    assert (await two.agent_profiles())[DEVICE_NAME] == (
+        '["shell"]', '{"rdfm.software.version": "v2"}', '{"room": "7"}')
+    entry = await two.enrollment(first.id)  # type: ignore[attr-defined]
+    assert entry is not None and (entry.facts, entry.address, entry.updated_ms) == (
+        '{"rdfm.software.version": "v2"}', "10.0.0.10", 12)
+    # A second key of the same device: pending, flagged as the agent's duplicate.
+    second = await _device(one, "k2", 13, "v3")
+    assert second.duplicate_of == DEVICE_NAME and second.state == "pending"  # type: ignore[attr-defined]
+    assert await one.accept_enrollment(second.id, "other-name", None, "admin", 14) == (  # type: ignore[attr-defined]
+        f"a new key of {DEVICE_NAME}: accept it without a name")
+    rev = await one.accounts_rev()
+    rotated = await two.accept_enrollment(second.id, None, '{"role": "kiosk"}', "admin", 15)  # type: ignore[attr-defined]
+    assert (rotated.state, rotated.name) == ("accepted", DEVICE_NAME)  # type: ignore[union-attr]
+    assert json.loads(rotated.labels) == {"room": "7", "role": "kiosk"}  # type: ignore[union-attr]
+    assert await one.accounts_rev() > rev  # every node re-reads the accounts
+    old = await one.enrollment(first.id)  # type: ignore[attr-defined]
+    assert old is not None and (old.state, old.decided_by, old.decided_ms) == (
+        "revoked", "admin", 15)
+    account = await one.account(DEVICE_NAME)
+    assert account is not None and account.secret_hash == f"device${second.id}"  # type: ignore[attr-defined]
+    assert [a.name for a in await two.accounts()] == [DEVICE_NAME]  # no "-2": the same agent
+    assert (await one.agent_profiles())[DEVICE_NAME] == (
+        '["shell"]', '{"rdfm.software.version": "v3"}', '{"role": "kiosk", "room": "7"}')
+    assert await one.device_entries(DEVICE, "k1") == []  # superseded: decides nothing
+    assert [e.id for e in await one.device_entries(DEVICE, "k2")] == [second.id]  # type: ignore[attr-defined]
+    # Accepted first, then pending, then rejected.
+    third = await _device(one, "k3", 16)
+    assert (await two.reject_enrollment(third.id, "admin", 17)).state == "rejected"  # type: ignore[attr-defined, union-attr]
+    fourth = await _device(one, "k3", 18)
+    assert [(e.id, e.state) for e in await two.device_entries(DEVICE, "k3")] == [
+        (fourth.id, "pending"), (third.id, "rejected")]  # type: ignore[attr-defined]
+    await one.refresh_enrollment(fourth.id, '{"rdfm.software.version": "v4"}', None, 19)  # type: ignore[attr-defined]
+    assert (await two.enrollment(fourth.id)).facts == '{"rdfm.software.version": "v4"}'  # type: ignore[attr-defined, union-attr]

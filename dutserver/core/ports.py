@@ -27,7 +27,85 @@ class AccountExists(Exception):
     """An account of that name is there already (Store.add_account)."""
 
 
-class Store(Protocol):
+class EnrollmentPort(Protocol):
+    """The store's part for enrollment (store/enrollment_sql.py and store/device_sql.py,
+    written once for both stores): requests to join, tokens, decisions, an agent's own
+    declarations. Tested on the real stores (tests/test_store_enrollment.py), not faked.
+    """
+
+    async def add_enroll_token(self, digest: str, note: str, created_by: str, now_ms: int,
+                               expires_ms: int, max_uses: int | None, labels: str,
+                               auto_accept: bool) -> int: ...
+
+    async def enroll_tokens(self) -> list[EnrollTokenRecord]: ...
+
+    async def revoke_enroll_token(self, token_id: int, now_ms: int) -> bool: ...
+
+    async def add_enrollment(self, kind: str, token_digest: str | None, name: str, facts: str,
+                             capabilities: str | None, address: str | None,
+                             secret_hash: str | None, device_id: str | None, key_fp: str | None,
+                             public_key: str | None, now_ms: int,
+                             pending_max: int) -> tuple[EnrollmentRecord, bool, str] | None:
+        """A request to join; with a token, takes one use of it in the same transaction (None
+        when it is not usable). Returns the record, whether it is to be accepted at once (the
+        token says so and it is no duplicate), and the token's labels."""
+        ...
+
+    async def refresh_enrollment(self, enrollment_id: int, facts: str, address: str | None,
+                                 now_ms: int) -> None: ...
+
+    async def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None: ...
+
+    async def enrollments(self, state: str | None = None, kind: str | None = None,
+                          device_id: str | None = None, name: str | None = None,
+                          limit: int = 1000) -> list[EnrollmentRecord]: ...
+
+    async def pending_enrollments(self) -> int: ...
+
+    async def accept_enrollment(self, enrollment_id: int, name: str | None, labels: str | None,
+                                actor: str, now_ms: int) -> EnrollmentRecord | str:
+        """pending -> accepted, with the agent account it becomes; or why not ("unknown",
+        "already <state>", "name taken")."""
+        ...
+
+    async def reject_enrollment(self, enrollment_id: int, actor: str,
+                                now_ms: int) -> EnrollmentRecord | str: ...
+
+    async def revoke_agent(self, name: str, actor: str, now_ms: int) -> bool: ...
+
+    async def set_next_secret(self, name: str, next_hash: str, now_ms: int) -> bool: ...
+
+    async def promote_secret(self, name: str, next_hash: str, now_ms: int) -> bool: ...
+
+    async def adopt_agent(self, name: str, facts: str, actor: str,
+                          now_ms: int) -> EnrollmentRecord | str: ...
+
+    async def set_agent_profile(self, name: str, capabilities: str | None,
+                                facts: str | None) -> bool:
+        """Returns whether its capabilities changed (then the accounts' revision moved)."""
+        ...
+
+    async def set_agent_labels(self, name: str, labels: str) -> bool: ...
+
+    async def agent_profiles(self) -> dict[str, tuple[str | None, str | None, str | None]]:
+        """name -> (capabilities, facts, labels), JSON texts."""
+        ...
+
+    # --- RDFM devices (store/device_sql.py): enrollments of kind rdfm, keyed by (id, key) ---
+
+    async def device_entries(self, device_id: str, key_fp: str) -> list[EnrollmentRecord]:
+        """The entries of a device's key that decide its authentication: accepted first, then
+        pending, then rejected (newest first within each)."""
+        ...
+
+    async def device_seen(self, enrollment_id: int, name: str, facts: str, address: str | None,
+                          now_ms: int) -> None:
+        """An accepted device authenticated: its metadata becomes its agent's facts (its
+        capabilities and labels stay), and its entry's last contact is recorded."""
+        ...
+
+
+class Store(EnrollmentPort, Protocol):
     """The database: durable facts shared by every process of a fleet."""
 
     node: str  #: the name of this process in its fleet, written as a task's `delivered_by`
@@ -160,67 +238,6 @@ class Store(Protocol):
         ...
 
     async def audit_events(self, before_id: int | None, limit: int) -> list[AuditRecord]: ...
-
-
-    # --- enrollment (store/enrollment_sql.py, written once for both stores) -------------------
-
-    async def add_enroll_token(self, digest: str, note: str, created_by: str, now_ms: int,
-                               expires_ms: int, max_uses: int | None, labels: str,
-                               auto_accept: bool) -> int: ...
-
-    async def enroll_tokens(self) -> list[EnrollTokenRecord]: ...
-
-    async def revoke_enroll_token(self, token_id: int, now_ms: int) -> bool: ...
-
-    async def add_enrollment(self, kind: str, token_digest: str | None, name: str, facts: str,
-                             capabilities: str | None, address: str | None,
-                             secret_hash: str | None, device_id: str | None, key_fp: str | None,
-                             public_key: str | None, now_ms: int,
-                             pending_max: int) -> tuple[EnrollmentRecord, bool, str] | None:
-        """A request to join; with a token, takes one use of it in the same transaction (None
-        when it is not usable). Returns the record, whether it is to be accepted at once (the
-        token says so and it is no duplicate), and the token's labels."""
-        ...
-
-    async def refresh_enrollment(self, enrollment_id: int, facts: str, address: str | None,
-                                 now_ms: int) -> None: ...
-
-    async def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None: ...
-
-    async def enrollments(self, state: str | None = None, kind: str | None = None,
-                          device_id: str | None = None, name: str | None = None,
-                          limit: int = 1000) -> list[EnrollmentRecord]: ...
-
-    async def pending_enrollments(self) -> int: ...
-
-    async def accept_enrollment(self, enrollment_id: int, name: str | None, labels: str | None,
-                                actor: str, now_ms: int) -> EnrollmentRecord | str:
-        """pending -> accepted, with the agent account it becomes; or why not ("unknown",
-        "already <state>", "name taken")."""
-        ...
-
-    async def reject_enrollment(self, enrollment_id: int, actor: str,
-                                now_ms: int) -> EnrollmentRecord | str: ...
-
-    async def revoke_agent(self, name: str, actor: str, now_ms: int) -> bool: ...
-
-    async def set_next_secret(self, name: str, next_hash: str, now_ms: int) -> bool: ...
-
-    async def promote_secret(self, name: str, next_hash: str, now_ms: int) -> bool: ...
-
-    async def adopt_agent(self, name: str, facts: str, actor: str,
-                          now_ms: int) -> EnrollmentRecord | str: ...
-
-    async def set_agent_profile(self, name: str, capabilities: str | None,
-                                facts: str | None) -> bool:
-        """Returns whether its capabilities changed (then the accounts' revision moved)."""
-        ...
-
-    async def set_agent_labels(self, name: str, labels: str) -> bool: ...
-
-    async def agent_profiles(self) -> dict[str, tuple[str | None, str | None, str | None]]:
-        """name -> (capabilities, facts, labels), JSON texts."""
-        ...
 
 
 class Notifier(Protocol):

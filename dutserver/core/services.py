@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from dutserver.config import Settings
 from dutserver.core.accounts import Accounts
 from dutserver.core.auth import Auth
+from dutserver.core.devices import RdfmDevices
 from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.enrollment import Enrollment
 from dutserver.core.fleet import Fleet
@@ -25,6 +26,7 @@ class Services:
     fleet: Fleet
     accounts: Accounts
     enrollment: Enrollment
+    devices: RdfmDevices  # RDFM devices' enrollment and tokens (served with rdfm_devices on)
     openapi: bytes = b"{}"  # this server's OpenAPI description (http/openapi.py)
 
     @property
@@ -41,8 +43,10 @@ class Services:
         return None
 
     async def start(self) -> None:
-        """Start-up: the key, the accounts and bans, then this node's recovery."""
+        """Start-up: the keys, the accounts and bans, then this node's recovery."""
         await self.auth.check_key()
+        if self.settings.rdfm_devices:
+            self.devices.start()
         await self.auth.refresh()
         await self.tasks.recover()
 
@@ -73,4 +77,5 @@ def build_services(settings: Settings, store: Store, notifier: Notifier,
     tasks = Tasks(settings, store, notifier, clock, dispatcher, auth)
     return Services(settings, auth, tasks, Fleet(store, dispatcher, auth, clock, notifier.fleet),
                     Accounts(store, clock, auth, tasks),
-                    Enrollment(settings, store, clock, auth, tasks))
+                    Enrollment(settings, store, clock, auth, tasks),
+                    RdfmDevices(settings, store, clock, auth))

@@ -13,69 +13,14 @@ from typing import Any
 
 from dutserver.core.credentials import REVOKED
 from dutserver.core.model import EnrollmentRecord, EnrollTokenRecord
-from dutserver.store.portable import Row, Steps, bump_accounts_rev
+from dutserver.store import device_sql, enrollment_rows
+from dutserver.store.device_sql import DeviceStore
+from dutserver.store.enrollment_rows import COLUMNS, TOKEN_COLUMNS
+from dutserver.store.enrollment_rows import enrollment as _enrollment
+from dutserver.store.enrollment_rows import token as _token
+from dutserver.store.portable import Steps, bump_accounts_rev
 
-# Migration text; {id} and {int} are the engine's types (portable.SQLITE_TYPES, POSTGRES_TYPES).
-SCHEMA = """
-    ALTER TABLE accounts ADD COLUMN next_hash TEXT;
-    ALTER TABLE agents ADD COLUMN capabilities TEXT;
-    ALTER TABLE agents ADD COLUMN facts TEXT;
-    ALTER TABLE agents ADD COLUMN labels TEXT;
-    CREATE TABLE enroll_tokens (
-        id {id},
-        digest TEXT NOT NULL UNIQUE,
-        note TEXT NOT NULL,
-        created_by TEXT NOT NULL,
-        created_ms {int} NOT NULL,
-        expires_ms {int} NOT NULL,
-        max_uses {int},
-        uses {int} NOT NULL,
-        labels TEXT NOT NULL,
-        auto_accept {int} NOT NULL,
-        revoked_ms {int}
-    );
-    CREATE TABLE enrollments (
-        id {id},
-        kind TEXT NOT NULL,
-        state TEXT NOT NULL,
-        name TEXT NOT NULL,
-        facts TEXT NOT NULL,
-        capabilities TEXT,
-        token_id {int},
-        address TEXT,
-        secret_hash TEXT,
-        device_id TEXT,
-        key_fp TEXT,
-        public_key TEXT,
-        duplicate_of TEXT,
-        labels TEXT NOT NULL,
-        created_ms {int} NOT NULL,
-        updated_ms {int} NOT NULL,
-        decided_ms {int},
-        decided_by TEXT
-    );
-    CREATE INDEX enrollments_state ON enrollments (state, id);
-    CREATE INDEX enrollments_name ON enrollments (name, state);
-    CREATE INDEX enrollments_device ON enrollments (device_id, state);
-    CREATE INDEX enrollments_token ON enrollments (token_id, state);
-    CREATE INDEX enrollments_address ON enrollments (address, state)
-"""
-
-TOKEN_COLUMNS = ("id, digest, note, created_by, created_ms, expires_ms, max_uses, uses, labels, "
-                 "auto_accept, revoked_ms")
-COLUMNS = ("id, kind, state, name, facts, capabilities, token_id, address, secret_hash, "
-           "device_id, key_fp, public_key, duplicate_of, labels, created_ms, updated_ms, "
-           "decided_ms, decided_by")
-
-
-def _token(row: Row) -> EnrollTokenRecord:
-    values = list(row)
-    values[9] = bool(values[9])
-    return EnrollTokenRecord(*values)
-
-
-def _enrollment(row: Row) -> EnrollmentRecord:
-    return EnrollmentRecord(*row)
+SCHEMA = enrollment_rows.SCHEMA  # the migrations of both stores take it from here
 
 
 # --- tokens ----------------------------------------------------------------------------------
@@ -197,14 +142,22 @@ def pending_count() -> Steps:
 def accept(enrollment_id: int, name: str | None, labels: str | None, actor: str,
            now_ms: int) -> Steps:
     """pending -> accepted, and the agent account it becomes: under the name asked for (or
-    given), made unique with -2, -3 … when taken; a name given by the admin must be free.
-    Returns the record, or a string saying why not."""
+    given), made unique with -2, -3 … when taken; a name given by the admin must be free. A
+    new key of an accepted RDFM device rotates its key instead (device_sql.rotate). Returns the
+    record, or a string saying why not."""
     rows = yield (f"SELECT {COLUMNS} FROM enrollments WHERE id = ?", (enrollment_id,))
     if not rows:
         return "unknown"
     record = _enrollment(rows[0])
     if record.state != "pending":
         return f"already {record.state}"
+    if record.kind == "rdfm" and record.device_id is not None:
+        holder = yield from device_sql.holder(record.device_id, record.id)
+        if holder is not None:  # a new key of an accepted device: the device keeps its agent
+            if name is not None and name != holder[1]:
+                return f"a new key of {holder[1]}: accept it without a name"
+            return (yield from device_sql.rotate(record, holder[0], holder[1], labels, actor,
+                                                 now_ms))
     final = name if name is not None else record.name
     if name is None:
         # (`_` in a name is a LIKE wildcard too: a few rows more, which the set sorts out)
@@ -337,7 +290,7 @@ def profiles() -> Steps:
     return {str(r[0]): (r[1], r[2], r[3]) for r in rows}
 
 
-class EnrollmentStore:
+class EnrollmentStore(DeviceStore):
     """The Store port's enrollment methods, for both stores: each provides `_steps` (an
     operation in its writer's next transaction) and `_steps_read` (on a reader)."""
 
