@@ -6,6 +6,7 @@ long-polls the server for tasks (PROTOCOL.md part 1), runs each in its own
 thread (part 3) and posts the result back.
 
     dutagent register --server https://dut.example.com:8443
+    dutagent enroll https://dut.example.com:8443 TOKEN
     dutagent run
 """
 
@@ -21,6 +22,7 @@ import binascii
 import datetime
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -42,7 +44,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __version__ = "1.0.0"
@@ -99,34 +102,57 @@ class Option:
         return "DUTAGENT_" + self.name.upper()
 
 
-BOTH = ("register", "run")
+# Which commands take an option. `enroll` runs tasks once accepted, so it takes every option
+# of `run`; `trust` only needs to find the config file.
+RUNNING = ("run", "enroll")
+BOTH = ("register", *RUNNING)
 OPTIONS: list[Option] = [
     Option("server", str, None, "server URL, e.g. https://dut.example.com:8443; several nodes of "
            "one fleet as a comma list (URL1,URL2,…): the agent starts at a random one and "
            "moves to the next when one fails", BOTH),
-    Option("name", str, None, "agent name (register: default the host name)", BOTH),
+    Option("name", str, None, "agent name (register: default the host name)", ("register", "run")),
     Option("secret", str, None, "agent secret; prefer the config file or DUTAGENT_SECRET, "
            "since other users can see command lines"),
-    Option("config", str, None, "config file (default: see `dutagent --help`)", BOTH, in_file=False),
+    Option("token", str, None, "enrollment token: without a name and secret the agent enrolls "
+           "with it first (see `dutagent enroll`); prefer the config file or DUTAGENT_TOKEN",
+           RUNNING),
+    Option("config", str, None, "config file (default: see `dutagent --help`)", (*BOTH, "trust"),
+           in_file=False),
     Option("classic", bool, False, "speak the classic protocol (Authorization: name:secret, "
-           "/task_result) to an unmodified classic dutserver", BOTH),
+           "/task_result) to an unmodified classic dutserver", ("register", "run")),
     Option("ca_file", str, None, "PEM file of the CA that signed the server's certificate", BOTH),
-    Option("insecure", bool, False, "do NOT verify the server's TLS certificate (dangerous)", BOTH),
-    Option("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR", BOTH),
-    Option("log_file", str, None, "also log to this file (rotated at 5 MiB)"),
-    Option("max_tasks", int, 4, "tasks run at once"),
+    Option("insecure", bool, False, "do NOT verify the server's TLS certificate, and allow "
+           "enrolling over plain http:// (dangerous)", BOTH),
+    Option("pin", bool, None, "trust the server's TLS key on first contact and refuse any other "
+           "key later, instead of the system's CAs (default: on for enrolled agents)", RUNNING),
+    Option("policy", str, None, "local policy file of task types this PC refuses (default "
+           "/etc/dutagent/policy.json, %%ProgramData%%\\dutagent\\policy.json on Windows)",
+           RUNNING),
+    Option("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR", (*BOTH, "trust")),
+    Option("log_file", str, None, "also log to this file (rotated at 5 MiB)", RUNNING),
+    Option("max_tasks", int, 4, "tasks run at once", RUNNING),
     Option("poll_timeout_s", float, 35.0, "seconds without an answer to a poll before the server "
-           "counts as dead; must exceed the server's poll timeout (26 s by default)"),
-    Option("backoff_min_s", float, 1.0, "first retry delay ceiling after a failure"),
-    Option("backoff_max_s", float, 20.0, "retry delay ceiling (delays are random below it)"),
-    Option("forbidden_backoff_s", float, 120.0, "delay after the server refused the credentials"),
-    Option("grace_s", float, 30.0, "on SIGTERM, how long running tasks may still finish"),
-    Option("cmd_timeout_s", float, 3600.0, "execute_cmd timeout when the task gives none (0: none)"),
-    Option("max_output_bytes", int, MIB, "execute_cmd keeps at most this much of stdout and of stderr"),
-    Option("max_result_bytes", int, MIB, "largest result body posted (the server's limit)"),
-    Option("max_task_bytes", int, 32 * MIB, "largest task answer accepted from the server"),
+           "counts as dead; must exceed the server's poll timeout (26 s by default)", RUNNING),
+    Option("backoff_min_s", float, 1.0, "first retry delay ceiling after a failure", RUNNING),
+    Option("backoff_max_s", float, 20.0, "retry delay ceiling (delays are random below it)",
+           RUNNING),
+    Option("forbidden_backoff_s", float, 120.0, "delay after the server refused the credentials",
+           RUNNING),
+    Option("enroll_poll_min_s", float, 1.0, "first wait between two questions whether the "
+           "enrollment was accepted; it doubles up to --enroll-poll-max-s", RUNNING),
+    Option("enroll_poll_max_s", float, 60.0, "longest wait between two such questions", RUNNING),
+    Option("grace_s", float, 30.0, "on SIGTERM, how long running tasks may still finish", RUNNING),
+    Option("cmd_timeout_s", float, 3600.0, "execute_cmd timeout when the task gives none (0: none)",
+           RUNNING),
+    Option("max_output_bytes", int, MIB, "execute_cmd keeps at most this much of stdout and of "
+           "stderr", RUNNING),
+    Option("max_result_bytes", int, MIB, "largest result body posted (the server's limit)", RUNNING),
+    Option("max_task_bytes", int, 32 * MIB, "largest task answer accepted from the server", RUNNING),
     Option("server_seed", int, None, "seed of the random choice of the first of several servers "
-           "(default: truly random; for tests)"),
+           "(default: truly random; for tests)", RUNNING),
+    # What the agent itself keeps in its config file: no flag, no environment variable.
+    Option("pins", dict, None, "the servers' pinned key digests by host:port", ()),
+    Option("enrollment", dict, None, "the pending enrollment: id and credential", ()),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -154,10 +180,21 @@ class Settings:
     max_result_bytes: int
     max_task_bytes: int
     server_seed: int | None
+    token: str | None
+    pin: bool | None
+    policy: str | None
+    enroll_poll_min_s: float
+    enroll_poll_max_s: float
+    pins: dict[str, str] | None
+    enrollment: JsonDict | None
 
-    def __init__(self, values: JsonDict) -> None:
+    def __init__(self, values: JsonDict, origins: dict[str, str] | None = None) -> None:
         for option in OPTIONS:
             setattr(self, option.name, values.get(option.name, option.default))
+        # Where each value came from ("flag", "env", "file"): the agent rewrites its secret
+        # only when the config file is what gives it (an environment variable would win
+        # over the new one at the next start).
+        self.origins: dict[str, str] = dict(origins or {})
 
 
 class UsageError(Exception):
@@ -196,6 +233,9 @@ def coerce(option: Option, value: Any, origin: str) -> Any:
                 return float(value)
             if isinstance(value, str):
                 return float(value.strip())
+        elif option.kind is dict:
+            if isinstance(value, dict):
+                return value
         elif isinstance(value, str):
             return value
     except ValueError:
@@ -263,12 +303,14 @@ def resolve_settings(args: argparse.Namespace, command: str, environ: dict[str, 
     config_path = os.path.abspath(config_path or default_config_path())
     from_file: JsonDict = {}
     found = False
-    if command == "run":
+    # An agent that enrolls writes its config file, so for it a missing file is no mistake.
+    must_exist = explicit and command == "run" and "token" not in from_env and "token" not in from_flags
+    if command != "register":
         try:
             from_file = read_config_file(config_path)
             found = True
         except FileNotFoundError:
-            if explicit:
+            if must_exist:
                 raise UsageError(f"config file not found: {config_path}") from None
         except PermissionError:
             if explicit:
@@ -277,7 +319,9 @@ def resolve_settings(args: argparse.Namespace, command: str, environ: dict[str, 
             # when the settings it would give are missing, and then main() says so.
             log.warning("cannot read config file %s: permission denied; going on without it", config_path)
     merged = {**from_file, **from_env, **from_flags, "config": config_path}
-    return Settings(merged), config_path, found
+    origins = {**{k: "file" for k in from_file}, **{k: "env" for k in from_env},
+               **{k: "flag" for k in from_flags}}
+    return Settings(merged, origins), config_path, found
 
 
 def split_servers(text: str) -> list[str]:
@@ -313,6 +357,13 @@ def validate_settings(s: Settings) -> None:
         raise UsageError("grace_s and cmd_timeout_s must not be negative")
     if s.backoff_min_s > s.backoff_max_s:
         raise UsageError("backoff_min_s must not exceed backoff_max_s")
+    if not 0 < s.enroll_poll_min_s <= s.enroll_poll_max_s:
+        raise UsageError("enroll_poll_min_s must be above 0 and not exceed enroll_poll_max_s")
+    if s.pins is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                      for k, v in s.pins.items()):
+        raise UsageError("config file: pins must map \"host:port\" to \"sha256//…\" strings")
+    if s.token is not None and not s.token.strip():
+        s.token = None  # an empty DUTAGENT_TOKEN= in a unit file means none
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -384,7 +435,8 @@ STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
 class Endpoint:
     """The server's address, parsed once."""
 
-    def __init__(self, url: str, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None,
+                 pins: PinStore | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         self.url = url
         self.https = parts.scheme == "https"
@@ -392,6 +444,15 @@ class Endpoint:
         self.port = parts.port or (443 if self.https else 80)
         self.base_path = parts.path.rstrip("/")
         self.ssl_context = ssl_context
+        # Set when the server's key is pinned rather than verified by a CA (then the handshake
+        # itself verifies nothing, and check_connection() must pass before anything is sent).
+        self.pins = pins if self.https else None
+
+    @property
+    def host_port(self) -> str:
+        """The key of this server's pin: a fleet's nodes each have their own certificate."""
+        host = self.host.lower()
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def path(self, path: str) -> str:
         return self.base_path + path
@@ -402,14 +463,191 @@ class Endpoint:
                                                context=self.ssl_context)
         return http.client.HTTPConnection(self.host, self.port, timeout=connect_timeout_s)
 
+    def check_connection(self, conn: http.client.HTTPConnection) -> None:
+        """Raises PinMismatch when a pinned server shows another key; closes the connection then."""
+        if self.pins is None or conn.sock is None:
+            return
+        try:
+            sock = conn.sock
+            der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+            if not der:
+                raise PinMismatch(f"the server {self.host_port} showed no certificate; nothing was sent")
+            try:
+                pin = spki_pin(der)
+            except ValueError as e:
+                raise PinMismatch(f"cannot read the key in the certificate of the server "
+                                  f"{self.host_port} ({e}); nothing was sent") from None
+            self.pins.check(self.host_port, pin)
+        except BaseException:
+            conn.close()
+            raise
 
-def make_ssl_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
-    if insecure:
+
+def make_ssl_context(ca_file: str | None, insecure: bool, pinning: bool = False) -> ssl.SSLContext:
+    """CA verification (the system's CAs, or ca_file's); none at all (insecure); or, for a pinned
+    server, none in the handshake: Endpoint.check_connection compares the key right after it."""
+    if insecure or (pinning and not ca_file):
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
     return ssl.create_default_context(cafile=ca_file)
+
+
+# --------------------------------------------------------------------------- server key pins
+
+class PinMismatch(ssl.SSLError):
+    """The server's key is not the one pinned for it: the connection is closed unused."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "pinned key mismatch"
+
+
+def der_element(data: bytes, offset: int, limit: int | None = None) -> tuple[int, int, int]:
+    """One DER element at offset, within data[:limit]: (tag, start of its contents, end).
+    ValueError if malformed.
+
+    Only what X.509 needs: single-byte tags and definite lengths (DER allows no other)."""
+    limit = len(data) if limit is None else limit
+    if offset + 2 > limit:
+        raise ValueError("truncated DER element")
+    tag = data[offset]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-byte DER tags are not used in certificates")
+    first = data[offset + 1]
+    start = offset + 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or start + count > limit:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[start:start + count], "big")
+        start += count
+    end = start + length
+    if end > limit:
+        raise ValueError("DER element runs past its container")
+    return tag, start, end
+
+
+def spki_from_certificate(der: bytes) -> bytes:
+    """The DER SubjectPublicKeyInfo of an X.509 certificate (RFC 5280 4.1), whole with its header.
+
+    Certificate = SEQUENCE { tbsCertificate, signatureAlgorithm, signature };
+    tbsCertificate = SEQUENCE { [0] version OPTIONAL, serialNumber, signature, issuer,
+    validity, subject, subjectPublicKeyInfo, … }. The standard library parses certificates
+    only into text, so this walks the bytes: the key is what a pin must cover (it outlives a
+    certificate renewed with the same key)."""
+    tag, start, end = der_element(der, 0)
+    if tag != 0x30:
+        raise ValueError("a certificate is a DER SEQUENCE")
+    tag, offset, tbs_end = der_element(der, start, end)
+    if tag != 0x30:
+        raise ValueError("tbsCertificate is not a SEQUENCE")
+    fields = 0
+    while offset < tbs_end:
+        tag, _, next_offset = der_element(der, offset, tbs_end)
+        if not (fields == 0 and tag == 0xA0):  # the optional [0] version is not counted
+            if fields == 5:
+                if tag != 0x30:
+                    raise ValueError("subjectPublicKeyInfo is not a SEQUENCE")
+                return der[offset:next_offset]
+            fields += 1
+        offset = next_offset
+    raise ValueError("certificate without subjectPublicKeyInfo")
+
+
+def spki_pin(der_certificate: bytes) -> str:
+    """sha256//BASE64 of the certificate's SubjectPublicKeyInfo: curl's --pinnedpubkey form."""
+    digest = hashlib.sha256(spki_from_certificate(der_certificate)).digest()
+    return "sha256//" + base64.b64encode(digest).decode("ascii")
+
+
+class PinStore:
+    """The pinned key of each server (host:port). A server seen for the first time is trusted
+    and its key recorded (in the config file when there is one); after that only that key.
+    Thread-safe: the poller and the result threads connect at the same time."""
+
+    def __init__(self, pins: dict[str, str] | None, config: ConfigFile | None) -> None:
+        self.pins = dict(pins or {})
+        self.config = config
+        self._lock = threading.Lock()
+
+    def check(self, host_port: str, pin: str) -> None:
+        with self._lock:
+            known = self.pins.get(host_port)
+            if known is None:
+                self.pins[host_port] = pin
+        if known is None:
+            self._record(host_port, pin)  # outside the lock: the file has its own
+            return
+        if known != pin:
+            raise PinMismatch(
+                f"the server {host_port} showed the key {pin}, but this agent pinned {known} for "
+                f"it; nothing was sent. Someone may be posing as the server. If its key was "
+                f"changed on purpose, run `dutagent trust --reset` on this PC and restart the agent")
+
+    def _record(self, host_port: str, pin: str) -> None:
+        if self.config is None:
+            log.warning("trusting the key of %s on first contact (%s); no config file to pin it "
+                        "in, so it is trusted again at the next start", host_port, pin)
+            return
+
+        def change(data: JsonDict) -> None:
+            pins = data.get("pins")
+            data["pins"] = {**(pins if isinstance(pins, dict) else {}), host_port: pin}
+
+        try:
+            self.config.update(change)
+        except OSError as e:
+            log.warning("trusting the key of %s on first contact (%s), but it could not be pinned "
+                        "in %s: %s", host_port, pin, self.config.path, describe_error(e))
+            return
+        log.info("trusting the key of %s on first contact: %s, pinned in %s", host_port, pin,
+                 self.config.path)
+
+
+class ConfigFile:
+    """The agent's config file, which the agent updates itself: enrollment state, pins, a new
+    secret. Each update re-reads the file (keeping what an administrator put there) and replaces
+    it whole (temporary file + rename, mode 0600), so a crash leaves the old file or the new one,
+    never half of one. One lock serialises the updates of all threads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def read(self) -> JsonDict:
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            raise OSError(f"config file {self.path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise OSError(f"config file {self.path} is not a JSON object")
+        return data
+
+    def update(self, change: Callable[[JsonDict], Any]) -> None:
+        """Applies change(data) to the file's JSON object and writes it back atomically."""
+        with self.lock:
+            data = self.read()
+            change(data)
+            temp = write_private_file(self.path, data)
+            try:
+                os.replace(temp, self.path)
+            except OSError:
+                remove_quietly(temp)
+                raise
+
+    def check_writable(self) -> None:
+        """Raises OSError unless a new version of the file could be written now."""
+        with self.lock:
+            remove_quietly(write_private_file(self.path, self.read()))
 
 
 class HttpChannel:
@@ -478,6 +716,7 @@ class HttpChannel:
             return conn, True
         conn = self._endpoint.new_connection(min(10.0, self._read_timeout_s))
         conn.connect()
+        self._endpoint.check_connection(conn)  # before the first byte of a request
         assert conn.sock is not None
         conn.sock.settimeout(self._read_timeout_s)
         try:
@@ -556,8 +795,8 @@ class ServerList:
     """
 
     def __init__(self, urls: list[str], ssl_context: ssl.SSLContext | None,
-                 seed: int | None = None) -> None:
-        self.endpoints = [Endpoint(url, ssl_context) for url in urls]
+                 seed: int | None = None, pins: PinStore | None = None) -> None:
+        self.endpoints = [Endpoint(url, ssl_context, pins) for url in urls]
         self._lock = threading.Lock()
         rng = random.Random(seed) if seed is not None else random.SystemRandom()
         self._current = rng.randrange(len(self.endpoints)) if len(self.endpoints) > 1 else 0
@@ -1604,6 +1843,176 @@ def run_handler(task: JsonDict, ctx: TaskContext) -> JsonDict:
         return {"error": True, "msg": f"agent error: {e.__class__.__name__}: {e}"}
 
 
+# --------------------------------------------------------------------------- local policy
+
+# Task types so powerful that a PC runs them only when its administrator's policy file says
+# {"allow": [...]} (none is implemented yet; an interactive `shell` would be).
+OPT_IN_TYPES = ("shell",)
+POLICY_KEYS = ("deny", "allow")
+
+
+class Policy:
+    """What the PC's administrator allows, whatever the server asks: a type in "deny" is
+    refused, a type of OPT_IN_TYPES runs only when in "allow"; "deny" wins over "allow"."""
+
+    def __init__(self, deny: Iterable[str] = (), allow: Iterable[str] = (),
+                 path: str | None = None) -> None:
+        self.deny = frozenset(deny)
+        self.allow = frozenset(allow)
+        self.path = path
+
+    def permits(self, task_type: str) -> bool:
+        if task_type in self.deny:
+            return False
+        return task_type not in OPT_IN_TYPES or task_type in self.allow
+
+
+def default_policy_path() -> str:
+    """Beside the system config, where only the administrator may write."""
+    if IS_WINDOWS:
+        base = os.environ.get("PROGRAMDATA") or r"C:\ProgramData"
+        return os.path.join(base, "dutagent", "policy.json")
+    return "/etc/dutagent/policy.json"
+
+
+def parse_policy(data: Any, origin: str) -> Policy:
+    """A policy from its JSON; UsageError for anything unexpected, since a typo ("denny") read
+    as "no policy" would quietly allow what the administrator meant to forbid."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin}: not a JSON object like {{\"deny\": [\"execute_cmd\"]}}")
+    unknown = sorted(set(data) - set(POLICY_KEYS))
+    if unknown:
+        raise UsageError(f"{origin}: unknown key {unknown[0]!r} (only \"deny\" and \"allow\")")
+    lists: dict[str, list[str]] = {}
+    for key in POLICY_KEYS:
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise UsageError(f"{origin}: {key!r} must be a list of task type names")
+        lists[key] = value
+    return Policy(lists["deny"], lists["allow"], origin)
+
+
+def load_policy(path: str | None) -> Policy:
+    """The policy file's rules. No file at the default place: everything allowed. A file named
+    explicitly (--policy) must exist, and one that cannot be read or parsed stops the agent."""
+    explicit = path is not None
+    path = os.path.abspath(path) if path else default_policy_path()
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"policy file not found: {path}") from None
+        return Policy()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the policy file {path}: {describe_error(e)}; the agent "
+                         f"does not start without the rules it may have to obey") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"policy file {path} is not valid JSON ({e}); the agent does not start "
+                         f"without the rules it may have to obey") from None
+    policy = parse_policy(data, f"policy file {path}")
+    if not IS_WINDOWS:
+        mode = os.stat(path).st_mode
+        if mode & 0o022:
+            log.warning("policy file %s may be changed by other users (mode %o): run chmod 644 %s",
+                        path, stat.S_IMODE(mode), path)
+    return policy
+
+
+def capabilities(policy: Policy, can_rekey: bool) -> list[str]:
+    """The task types this agent runs: its table, "rekey" when it can rewrite its secret, minus
+    what the local policy refuses. The server queues no other type for it."""
+    types = list(HANDLERS) + (["rekey"] if can_rekey else [])
+    return sorted(t for t in types if policy.permits(t))
+
+
+# --------------------------------------------------------------------------- facts
+
+def read_first_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def machine_id() -> str:
+    """The OS's own stable id of this installation: what tells two PCs of one name apart."""
+    try:
+        if IS_WINDOWS:
+            out = run_quiet(["reg", "query", r"HKLM\SOFTWARE\Microsoft\Cryptography",
+                             "/v", "MachineGuid"], 10.0)
+            return parse_reg_query(out, "MachineGuid")
+        if IS_MACOS:
+            return parse_ioreg_uuid(run_quiet(["ioreg", "-rd1", "-c", "IOPlatformExpertDevice"], 10.0))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("machine id unavailable: %s", describe_error(e))
+        return ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        value = read_first_line(path)
+        if value:
+            return value
+    return ""
+
+
+def parse_reg_query(text: str, name: str) -> str:
+    """The value of `name` in `reg query` output: "    MachineGuid    REG_SZ    1234-…"."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == name and fields[1].startswith("REG_"):
+            return fields[-1]
+    return ""
+
+
+def parse_ioreg_uuid(text: str) -> str:
+    match = re.search(r'"IOPlatformUUID"\s*=\s*"([^"]+)"', text)
+    return match.group(1) if match else ""
+
+
+MAX_MACS = 64  # the server takes at most 64 values of one fact
+
+
+def mac_addresses() -> list[str]:
+    """The hardware addresses of the network interfaces, lower case, without loopback."""
+    macs: list[str] = []
+    if IS_LINUX:
+        try:
+            names = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
+        except OSError:
+            names = []
+        # Interfaces backed by a device, when there are any: the addresses of bridges, veths and
+        # tunnels (a container host has hundreds) are made up and change, so they tell nothing.
+        physical = [n for n in names if os.path.exists(f"/sys/class/net/{n}/device")]
+        for name in physical or names:
+            macs.append(read_first_line(f"/sys/class/net/{name}/address").lower())
+    else:
+        try:
+            macs = [str(n.get("mac") or "").lower() for n in networks()]
+        except Exception as e:  # noqa: BLE001 -- the fallback below still gives one
+            log.debug("interfaces unavailable: %s", describe_error(e))
+    found = sorted({m for m in macs if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", m)
+                    and m != "00:00:00:00:00:00"})[:MAX_MACS]
+    if not found:
+        node = uuid.getnode()
+        if not node & (1 << 40):  # the multicast bit: uuid made the number up
+            found = [":".join(f"{(node >> shift) & 0xFF:02x}" for shift in range(40, -8, -8))]
+    return found
+
+
+def build_facts() -> JsonDict:
+    """What the server shows an administrator who decides on an enrollment (and may match
+    against its inventory): told with the enrollment and with every hello."""
+    return {
+        "hostname": socket.gethostname(),
+        "machine_id": machine_id(),
+        "os": os_version(),
+        "macs": mac_addresses(),
+        "agent_version": __version__,
+    }
+
+
 # --------------------------------------------------------------------------- results
 
 TRUNCATABLE_FIELDS = ("output", "stderr", "contents", "procs")
@@ -1681,10 +2090,20 @@ def parse_task_id(value: Any) -> int | None:
 class Agent:
     """Polls the server, runs tasks in threads, posts their results, stops cleanly."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, policy: Policy | None = None,
+                 config: ConfigFile | None = None) -> None:
         self.settings = settings
-        context = make_ssl_context(settings.ca_file, settings.insecure)
-        self.servers = ServerList(split_servers(settings.server), context, settings.server_seed)
+        self.policy = policy or Policy()
+        self.config = config  # None: no config file (settings from flags or the environment)
+        pins = PinStore(settings.pins, config) if uses_pinning(settings) else None
+        context = make_ssl_context(settings.ca_file, settings.insecure, pins is not None)
+        self.servers = ServerList(split_servers(settings.server), context, settings.server_seed,
+                                  pins)
+        self.can_rekey = (not settings.classic and config is not None
+                          and settings.origins.get("secret") == "file" and can_rewrite(config.path))
+        self.capabilities = capabilities(self.policy, self.can_rekey)
+        self.facts = build_facts()
+        self._rekey_lock = threading.Lock()
         self.download_context = ssl.create_default_context()
         if settings.ca_file:
             self.download_context.load_verify_locations(settings.ca_file)
@@ -1723,6 +2142,9 @@ class Agent:
         log.info("dutagent %s (Python %s) polling %s as %s%s, up to %d tasks at once",
                  __version__, platform.python_version(), where, s.name,
                  " (classic protocol)" if s.classic else "", s.max_tasks)
+        refused = sorted(self.policy.deny)
+        if refused:
+            log.info("local policy %s: refusing %s", self.policy.path, ", ".join(refused))
         poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
         poller.start()
         while not self._signals:
@@ -1789,6 +2211,7 @@ class Agent:
         backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
         troubled = False
         failed_in_row = 0  # servers that failed one after the other since the last answer
+        greeted: int | None = None  # the server told our capabilities since polling it went well
         while not self._stopping.is_set():
             self._wait_for_room()
             if self._stopping.is_set():
@@ -1796,10 +2219,16 @@ class Agent:
             delay: float | None = None
             index = servers.current()
             endpoint = servers.endpoints[index]
-            started = time.monotonic()
             try:
-                reply = self._poll_channels[index].request("GET", endpoint.path("/tasks"),
-                                                           self.headers, max_body=s.max_task_bytes)
+                started = time.monotonic()
+                # A hello answered 5xx counts as that server failing, as a poll answered so would.
+                reply = self._say_hello(index) if greeted != index and not s.classic else None
+                if reply is None or reply.status < 500:
+                    greeted = index
+                    reply = self._poll_channels[index].request(
+                        "GET", endpoint.path("/tasks"), self.headers, max_body=s.max_task_bytes)
+                if reply.status >= 500 or reply.status == 403:
+                    greeted = None  # it restarts polling this server after the trouble: hello again
                 if servers.several and reply.status >= 500:
                     failed_in_row += 1
                     delay = self._poll_failed_at(index, f"HTTP {reply.status} {reply.message()}",
@@ -1818,6 +2247,7 @@ class Agent:
             except (OSError, http.client.HTTPException, BadAnswer) as e:
                 if self._stopping.is_set():
                     break
+                greeted = None
                 level = logging.ERROR if isinstance(e, (BadAnswer, ssl.SSLError)) else logging.WARNING
                 if servers.several:
                     failed_in_row += 1
@@ -1833,6 +2263,22 @@ class Agent:
                 troubled = True
             if delay is not None and self._stopping.wait(delay):
                 break
+
+    def _say_hello(self, index: int) -> Reply:
+        """Tells the server which task types this agent runs (and the machine's facts), each
+        time it starts polling a server. A server older than that (404) is not told."""
+        endpoint = self.servers.endpoints[index]
+        body = encode_json({"capabilities": self.capabilities, "facts": self.facts})
+        headers = dict(self.headers, **{"Content-Type": "application/json"})
+        reply = self._poll_channels[index].request("POST", endpoint.path("/api/v1/agent/hello"),
+                                                   headers, body)
+        if 200 <= reply.status < 300:
+            log.debug("told %s the task types %s", endpoint.url, ", ".join(self.capabilities))
+        elif reply.status in (404, 405):
+            log.debug("%s does not take hello (HTTP %d): an older server", endpoint.url, reply.status)
+        elif reply.status != 403:  # a refused credential: the poll says so
+            log.warning("hello answered HTTP %d (%s)", reply.status, reply.message())
+        return reply
 
     def _poll_failed_at(self, index: int, problem: str, failed_in_row: int, backoff: Backoff,
                         level: int, retry_after_s: float | None) -> float:
@@ -1945,13 +2391,70 @@ class Agent:
                 run.started = True
                 self._changed.notify_all()
             started = time.monotonic()
-            context = TaskContext(self.settings, run.cancel, self.download_context)
-            result = run_handler(run.task, context)
+            result = self._dispatch(run)
             log.info("task %d %s: %.3f s, %s", run.id, run.type, time.monotonic() - started,
                      summarize(str(run.type), result))
             return result
         finally:
             self._slots.release()
+
+    def _dispatch(self, run: TaskRun) -> JsonDict:
+        """The local policy first (whatever the server sent), then the agent's own task (rekey)
+        or the task table."""
+        if not self.policy.permits(str(run.type)):
+            return {"error": True, "msg": f"refused by local policy: {run.type}"}
+        if run.type == "rekey":
+            return self._rekey()
+        return run_handler(run.task, TaskContext(self.settings, run.cancel, self.download_context))
+
+    def _rekey(self) -> JsonDict:
+        """Replaces the agent's secret by a new random one: the server learns it first (asked with
+        the old one), then the config file, then the agent switches. The server keeps the old
+        secret valid until the new one is used, so an agent that dies half-way loses nothing; one
+        that cannot save the new secret keeps the old one. The result goes out with the new."""
+        config = self.config
+        if not self.can_rekey or config is None:
+            return {"error": True, "msg": "this agent cannot change its secret: it does not come "
+                                          "from a config file the agent may rewrite"}
+        with self._rekey_lock:
+            try:
+                config.check_writable()  # before the server hears of a secret that cannot be kept
+            except OSError as e:
+                return {"error": True, "msg": f"cannot write the config file {config.path}: "
+                                              f"{os_error_message(e)}; the secret is unchanged"}
+            secret = secrets.token_urlsafe(32)
+            problem = self._send_new_secret(secret)
+            if problem:
+                return {"error": True, "msg": f"the server did not take the new secret ({problem}); "
+                                              "the secret is unchanged"}
+            try:
+                config.update(lambda data: data.__setitem__("secret", secret))
+            except OSError as e:
+                return {"error": True, "msg": f"cannot write the config file {config.path}: "
+                                              f"{os_error_message(e)}; the secret is unchanged"}
+            self.settings.secret = secret
+            self.headers = dict(self.headers, Authorization=auth_header(
+                self.settings.name, secret, self.settings.classic))
+        log.info("new secret in use, saved in %s", config.path)
+        return {"rekeyed": True}
+
+    def _send_new_secret(self, secret: str) -> str | None:
+        """POST /api/v1/agent/rekey with the old secret; None when taken, else the problem."""
+        index = self.servers.current()
+        endpoint = self.servers.endpoints[index]
+        headers = dict(self.headers, **{"Content-Type": "application/json"})
+        channel = self._take_channel(index)
+        try:
+            reply = channel.request("POST", endpoint.path("/api/v1/agent/rekey"), headers,
+                                    encode_json({"credential": secret}))
+        except (OSError, http.client.HTTPException, BadAnswer, Aborted) as e:
+            channel.close()
+            return describe_error(e) if not isinstance(e, Aborted) else "the agent is stopping"
+        finally:
+            self._return_channel(index, channel)
+        if not 200 <= reply.status < 300 or reply.says_error():
+            return f"HTTP {reply.status} {reply.message()}"
+        return None
 
     def _take_channel(self, index: int) -> HttpChannel:
         with self._lock:
@@ -1974,7 +2477,6 @@ class Agent:
         s = self.settings
         servers = self.servers
         body = encode_result(result, s.max_result_bytes)
-        headers = dict(self.headers, **{"Content-Type": "application/json"})
         backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
         replaced = False
         failed_in_row = 0  # servers that failed one after the other for this result
@@ -1982,6 +2484,8 @@ class Agent:
             index = servers.current()
             endpoint = servers.endpoints[index]
             path = endpoint.path(f"{self.result_path}?id={run.id}")
+            # Read at every attempt: a rekey task may have changed the secret meanwhile.
+            headers = dict(self.headers, **{"Content-Type": "application/json"})
             channel = self._take_channel(index)
             server_failed = False
             try:
@@ -2020,7 +2524,9 @@ class Agent:
                     continue
                 if delay is None:
                     delay = backoff.next_delay()
-                if reply.status == 403:
+                if reply.status == 403 and headers["Authorization"] != self.headers["Authorization"]:
+                    delay = 0.0  # sent with the secret a rekey just replaced: again with the new one
+                elif reply.status == 403:
                     delay = random.uniform(0.5, 1.0) * s.forbidden_backoff_s
                 elif reply.status == 429 and reply.retry_after_s is not None:
                     delay = max(delay, min(reply.retry_after_s, s.forbidden_backoff_s))
@@ -2051,6 +2557,346 @@ class Agent:
                 log.error("task %d: result not posted (%s) and the agent is stopping: result lost",
                           run.id, problem)
                 return
+
+
+# --------------------------------------------------------------------------- enrollment
+
+ENROLL_FINAL_STATES = ("rejected", "revoked", "expired")
+
+
+class EnrollmentFailed(Exception):
+    """The enrollment cannot succeed: printed as one line, exit status 1."""
+
+
+def uses_pinning(s: Settings, enrolling: bool = False) -> bool:
+    """Whether the server's key is pinned on first contact instead of verified by CAs: by
+    default for an agent that enrolls (its server often has a certificate of its own making),
+    never with a CA file (the CA decides) or --insecure (nothing is verified)."""
+    if s.ca_file or s.insecure:
+        return False
+    return s.pin if s.pin is not None else enrolling
+
+
+def can_rewrite(path: str) -> bool:
+    """The file may be replaced: written, and its directory too (for the temporary file)."""
+    return os.access(path, os.W_OK) and os.access(os.path.dirname(path) or ".", os.W_OK)
+
+
+def is_loopback(host: str) -> bool:
+    """This machine itself (127.0.0.0/8, ::1, localhost): no network between agent and server."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def check_enrollment_transport(urls: list[str], insecure: bool) -> None:
+    """Plain http:// only to this machine itself, unless the operator accepts the risk."""
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "http" and not is_loopback(parts.hostname or "") and not insecure:
+            raise UsageError(
+                f"refusing to enroll over plain http:// ({url}): the enrollment token and this "
+                f"agent's new secret would cross the network in clear text, and anyone on the "
+                f"way could read them, or pose as the server and run commands on this PC. Use "
+                f"an https:// URL (or --insecure if you accept that risk)")
+
+
+def jittered(ceiling: float) -> float:
+    """A delay between half the ceiling and all of it: spread out, but never close to zero."""
+    return random.uniform(0.5, 1.0) * ceiling
+
+
+class Enroller:
+    """Enrolls this machine: offers a token and a fresh secret of its own making, waits for an
+    administrator's decision, and keeps in the config file what it needs to resume after a
+    restart (the enrollment's id and secret, written before the server hears of them)."""
+
+    def __init__(self, s: Settings, config: ConfigFile, policy: Policy) -> None:
+        self.s = s
+        self.config = config
+        self.facts = build_facts()
+        self.capabilities = capabilities(policy, can_rekey=True)  # its secret is in its file
+        self.pinning = uses_pinning(s, enrolling=True)
+        self.pins = PinStore(s.pins, config) if self.pinning else None
+        context = make_ssl_context(s.ca_file, s.insecure, self.pinning)
+        self.servers = ServerList(split_servers(s.server), context, s.server_seed, self.pins)
+        self._channels = [HttpChannel(e, 30.0) for e in self.servers.endpoints]
+
+    def run(self, force: bool) -> tuple[str, str]:
+        """Enrolls (or resumes the pending enrollment) until accepted: (name, secret)."""
+        try:
+            state = None if force else self._pending()
+            first: JsonDict | None = None
+            if state is None or "id" not in state:
+                state, first = self._start(state, force)
+            name = self._wait(state, first)
+            self._save_account(name, state["credential"])
+            return name, str(state["credential"])
+        finally:
+            for channel in self._channels:
+                channel.close()
+
+    # ---- state in the config file
+
+    def _pending(self) -> JsonDict | None:
+        """The enrollment a previous start left in the config file, if it is usable here."""
+        state = self.s.enrollment
+        if not state:
+            return None
+        credential, number = state.get("credential"), state.get("id")
+        if not isinstance(credential, str) or len(credential) < 16 or (
+                number is not None and (isinstance(number, bool) or not isinstance(number, int))):
+            log.warning("the config file's pending enrollment is unusable: enrolling anew")
+            return None
+        here, there = self.facts["machine_id"], state.get("machine_id")
+        if here and there and here != there:
+            # A disk image made while an enrollment was pending: each copy needs its own.
+            log.warning("the config file's pending enrollment was made on another machine "
+                        "(machine id %s, this one is %s): enrolling this machine anew", there, here)
+            return None
+        return dict(state)
+
+    def _save(self, change: Callable[[JsonDict], Any], what: str) -> None:
+        try:
+            self.config.update(change)
+        except OSError as e:
+            raise EnrollmentFailed(f"cannot write the config file {self.config.path} ({what}): "
+                                   f"{os_error_message(e)}") from None
+
+    def _settings_to_keep(self) -> JsonDict:
+        """What `dutagent run` needs later that was given only on this command line."""
+        s = self.s
+        keep: JsonDict = {}
+        if s.origins.get("server") != "file":
+            keep["server"] = s.server
+        for key in ("ca_file", "policy"):
+            if getattr(s, key) and s.origins.get(key) != "file":
+                keep[key] = os.path.abspath(getattr(s, key))
+        if s.insecure and s.origins.get("insecure") != "file":
+            keep["insecure"] = True
+        return keep
+
+    def _forget(self) -> None:
+        """Drops a refused enrollment from the config file (its secret is of no use)."""
+        try:
+            self.config.update(lambda data: data.pop("enrollment", None))
+        except OSError as e:
+            log.warning("cannot update the config file %s: %s", self.config.path, os_error_message(e))
+
+    def _save_account(self, name: str, secret: str) -> None:
+        keep = self._settings_to_keep()
+
+        def change(data: JsonDict) -> None:
+            data.update(keep)
+            data.update(name=name, secret=secret)
+            if self.pinning and any(e.https for e in self.servers.endpoints):
+                data["pin"] = True  # `run` pins too (its default is the system's CAs)
+            data.pop("enrollment", None)
+            data.pop("token", None)  # done with; it may let other machines enroll
+
+        # Should this fail, the pending enrollment stays in the file: the next start resumes it.
+        self._save(change, "the new account")
+
+    # ---- the exchanges
+
+    def _start(self, state: JsonDict | None, force: bool) -> tuple[JsonDict, JsonDict]:
+        """Posts the enrollment: (the state kept in the config file, the server's first answer)."""
+        s = self.s
+        if not s.token:
+            raise UsageError("no enrollment token: give it as `dutagent enroll URL TOKEN`, --token, "
+                             "DUTAGENT_TOKEN or the config file's \"token\"")
+        # A secret saved by a start that died before the answer is offered again, so that a
+        # server that did record it may recognise the same enrollment.
+        credential = state["credential"] if state else secrets.token_urlsafe(32)
+        state = {"credential": credential, "machine_id": self.facts["machine_id"]}
+        keep = self._settings_to_keep()
+        pending = dict(state)
+
+        def change(data: JsonDict) -> None:
+            data.update(keep)
+            data["enrollment"] = pending
+            if force:
+                data.pop("name", None)
+                data.pop("secret", None)
+
+        self._save(change, "the pending enrollment")  # before the secret leaves this machine
+        body = {"token": s.token, "credential": credential, "facts": self.facts,
+                "capabilities": self.capabilities}
+        log.info("enrolling this machine (%s) at %s", self.facts["hostname"],
+                 self.servers.url(self.servers.current()))
+        reply = self._request("POST", "/api/v1/enroll", body)
+        if 200 <= reply.status < 300 and not reply.says_error():
+            answer = self._enrollment_of(reply)
+            state["id"] = answer["id"]
+            saved = dict(state)
+            self._save(lambda data: data.__setitem__("enrollment", saved), "the enrollment's id")
+            return state, answer
+        self._forget()
+        message = f"HTTP {reply.status} {reply.message()}"
+        if reply.status == 403:
+            raise EnrollmentFailed(f"the server refused the enrollment token ({message}): it is "
+                                   f"unknown, expired, used up or revoked. Ask an administrator "
+                                   f"for a new one")
+        if reply.status == 400:
+            raise EnrollmentFailed(f"the server refused this machine's facts ({message})")
+        if reply.status in (404, 405):
+            raise EnrollmentFailed(f"the server does not offer enrollment ({message}): it is older "
+                                   f"than this agent. Use `dutagent register`, or ask an "
+                                   f"administrator for an account")
+        raise EnrollmentFailed(f"the server refused the enrollment ({message})")
+
+    def _wait(self, state: JsonDict, answer: JsonDict | None) -> str:
+        """Asks for the enrollment's state, less and less often, until decided: the name."""
+        s = self.s
+        number = int(state["id"])
+        headers = {"Authorization": "Bearer " + str(state["credential"])}
+        ceiling = s.enroll_poll_min_s
+        told = ""
+        while True:
+            if answer is None:
+                reply = self._request("GET", f"/api/v1/enroll/{number}", None, headers)
+                if reply.status == 200 and not reply.says_error():
+                    answer = self._enrollment_of(reply)
+                elif reply.status in (403, 404):
+                    raise EnrollmentFailed(
+                        f"the server does not know enrollment {number} with this agent's secret "
+                        f"(HTTP {reply.status} {reply.message()}): it may have been deleted. "
+                        f"`dutagent enroll --force URL TOKEN` enrolls this machine anew")
+                else:
+                    raise EnrollmentFailed(f"unexpected answer about enrollment {number}: "
+                                           f"HTTP {reply.status} {reply.message()}")
+            state_now, name = answer["state"], answer.get("name")
+            if state_now == "accepted" and isinstance(name, str) and NAME_RE.match(name):
+                return name
+            if state_now in ENROLL_FINAL_STATES:
+                raise EnrollmentFailed(
+                    f"enrollment {number} was {state_now} on the server: this machine gets no "
+                    f"account. With a new token, `dutagent enroll --force URL TOKEN` tries again")
+            if state_now != told:
+                told = state_now
+                if state_now == "pending":
+                    log.info("enrollment %d is pending: an administrator must accept it (host %s, "
+                             "machine id %s)", number, self.facts["hostname"],
+                             self.facts["machine_id"] or "unknown")
+                else:
+                    log.warning("enrollment %d: state %r with name %r is not what this agent "
+                                "expects; asking again", number, state_now, name)
+            time.sleep(jittered(ceiling))
+            ceiling = min(s.enroll_poll_max_s, ceiling * 2)
+            answer = None
+
+    @staticmethod
+    def _enrollment_of(reply: Reply) -> JsonDict:
+        """{"enrollment": {"id", "state", "name"}} from an answer; EnrollmentFailed if absent."""
+        try:
+            data = json.loads(reply.body)
+            enrollment = data["enrollment"]
+            number = enrollment["id"]
+            if isinstance(number, bool) or not isinstance(number, int) or \
+                    not isinstance(enrollment["state"], str):
+                raise TypeError("id or state of the wrong type")
+        except (ValueError, RecursionError, KeyError, TypeError) as e:
+            raise EnrollmentFailed(f"the server's answer is not an enrollment ({e}): "
+                                   f"{excerpt(reply.body)}") from None
+        return dict(enrollment)
+
+    def _request(self, method: str, path: str, body: JsonDict | None,
+                 auth: dict[str, str] | None = None) -> Reply:
+        """One exchange with the first server that answers: unreachable servers and 5xx move to
+        the next (backing off after a whole round), 429 waits; every other answer is returned.
+        A server that cannot prove who it is (pin, CA) ends the enrollment."""
+        s = self.s
+        servers = self.servers
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(auth or {})}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = encode_json(body)
+        backoff = Backoff(s.backoff_min_s, s.backoff_max_s)
+        failed_in_row = 0
+        while True:
+            index = servers.current()
+            endpoint = servers.endpoints[index]
+            try:
+                reply = self._channels[index].request(method, endpoint.path(path), headers, data)
+            except (PinMismatch, ssl.SSLCertVerificationError) as e:
+                raise EnrollmentFailed(f"{endpoint.url}: {describe_error(e)}") from None
+            except (OSError, http.client.HTTPException, BadAnswer) as e:
+                problem = describe_error(e)
+            else:
+                if reply.status == 429:
+                    delay = max(backoff.next_delay(), min(reply.retry_after_s or 0.0, 600.0))
+                    log.warning("%s: too many attempts from this address (HTTP 429); trying again "
+                                "in %.1f s", endpoint.url, delay)
+                    time.sleep(delay)
+                    continue
+                if reply.status < 500:
+                    return reply
+                problem = f"HTTP {reply.status} {reply.message()}"
+            failed_in_row += 1
+            new = servers.failed(index)
+            if servers.several and failed_in_row % len(servers):
+                log.warning("%s: %s; trying %s", endpoint.url, problem, servers.url(new))
+                continue
+            delay = backoff.next_delay()
+            log.warning("%s: %s; trying again in %.1f s", endpoint.url, problem, delay)
+            time.sleep(delay)
+
+
+def command_enroll(s: Settings, config: ConfigFile, policy: Policy, force: bool) -> Settings:
+    """Enrolls (or resumes), writes the account into the config file: the settings to run with."""
+    if s.classic:
+        raise UsageError("enrollment needs the native protocol: drop --classic (or \"classic\" "
+                         "in the config file)")
+    if not s.server:
+        raise UsageError("enrollment needs the server's URL: `dutagent enroll URL TOKEN` (or "
+                         "--server, DUTAGENT_SERVER, the config file's \"server\")")
+    check_enrollment_transport(split_servers(s.server), s.insecure)
+    if s.name and s.secret and not force:
+        raise UsageError(f"this agent already has an account ({s.name!r}); `dutagent run` runs "
+                         f"it, `dutagent enroll --force URL TOKEN` enrolls it anew")
+    if s.insecure:
+        log.warning("*** --insecure: the server is not verified (no certificate check, or plain "
+                    "http://): anyone on the network path can pose as the server. ***")
+    enroller = Enroller(s, config, policy)
+    name, secret = enroller.run(force)
+    print(f"enrolled as agent {name!r}; config written to {config.path}", flush=True)
+    log.info("enrolled as agent %r; config written to %s", name, config.path)
+    s.name, s.secret = name, secret
+    s.origins.update(name="file", secret="file")
+    if enroller.pins is not None:
+        s.pin, s.pins = True, dict(enroller.pins.pins)
+    s.enrollment, s.token = None, None
+    return s
+
+
+def command_trust(s: Settings, config_path: str, reset: bool) -> int:
+    """Lists the pinned server keys, or forgets them (--reset) after a deliberate key change."""
+    pins = s.pins or {}
+    if not reset:
+        if not pins:
+            print(f"no server key pinned in {config_path}")
+        for host_port, pin in sorted(pins.items()):
+            print(f"{host_port} {pin}")
+        return 0
+    config = ConfigFile(config_path)
+    if not config.exists():
+        print(f"no config file at {config_path}: no pinned key to forget")
+        return 0
+    try:
+        config.update(lambda data: data.pop("pins", None))
+    except OSError as e:
+        print(f"dutagent: cannot write the config file {config_path}: {os_error_message(e)}",
+              file=sys.stderr)
+        return 1
+    print(f"forgot {len(pins)} pinned server key(s) in {config_path}. Restart the agent: it trusts "
+          f"each server's key again at its first contact")
+    return 0
 
 
 # --------------------------------------------------------------------------- command line
@@ -2087,8 +2933,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     register = commands.add_parser("register", help="create this agent's account on the server "
                                    "(self-registration) and write the config file")
-    run = commands.add_parser("run", help="poll the server and run its tasks until stopped")
-    for name, sub in (("register", register), ("run", run)):
+    run = commands.add_parser("run", help="poll the server and run its tasks until stopped (with "
+                              "a token but no account: enroll first)")
+    enroll = commands.add_parser("enroll", help="ask the server for an account with an enrollment "
+                                 "token, wait until an administrator accepts it, write the config "
+                                 "file, then run as `run` does")
+    enroll.add_argument("url", nargs="?", metavar="URL", help="the server (same as --server)")
+    enroll.add_argument("token_arg", nargs="?", metavar="TOKEN",
+                        help="the enrollment token (same as --token)")
+    enroll.add_argument("--force", action="store_true", help="enroll anew even though the config "
+                        "file holds an account or an enrollment already")
+    trust = commands.add_parser("trust", help="list the pinned keys of the servers, or forget "
+                                "them with --reset")
+    trust.add_argument("--reset", action="store_true", help="forget every pinned server key")
+    for name, sub in (("register", register), ("run", run), ("enroll", enroll), ("trust", trust)):
         for option in OPTIONS:
             if name not in option.commands:
                 continue
@@ -2232,6 +3090,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command == "enroll":
+            take_enroll_arguments(args)
         settings, config_path, found = resolve_settings(args, args.command, dict(os.environ))
         validate_settings(settings)
         if no_console and not settings.log_file:
@@ -2239,16 +3099,45 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_level, settings.log_file)
         if args.command == "register":
             return command_register(settings, config_path, args.force)
+        if args.command == "trust":
+            return command_trust(settings, config_path, args.reset)
+        policy = load_policy(settings.policy)  # before anything is sent: a bad one stops the agent
+        config = ConfigFile(config_path)
+        has_account = bool(settings.name and settings.secret)
+        if args.command == "enroll" or (not has_account and (settings.token or settings.enrollment)):
+            settings = command_enroll(settings, config, policy, getattr(args, "force", False))
+            found = True
         missing = [o.flag for o in OPTIONS if o.name in ("server", "name", "secret")
                    and not getattr(settings, o.name)]
         if missing:
             where = f"config file {config_path}" if found else f"no config file at {config_path}"
             raise UsageError(f"missing {', '.join(missing)} ({where}); run `dutagent register "
-                             f"--server URL` first, or give --server, --name and --secret")
-        return Agent(settings).run()
+                             f"--server URL` first (or `dutagent enroll URL TOKEN`), or give "
+                             f"--server, --name and --secret")
+        return Agent(settings, policy, config if found else None).run()
     except UsageError as e:
         print(f"dutagent: {e}", file=sys.stderr)
         return 2
+    except EnrollmentFailed as e:
+        log.error("enrollment failed: %s", e)
+        print(f"dutagent: enrollment failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dutagent: interrupted (a pending enrollment resumes at the next start)",
+              file=sys.stderr)
+        return 130
+
+
+def take_enroll_arguments(args: argparse.Namespace) -> None:
+    """`dutagent enroll URL TOKEN`: the positional arguments are --server and --token."""
+    for positional, option in (("url", "server"), ("token_arg", "token")):
+        value = getattr(args, positional)
+        if value is None:
+            continue
+        if getattr(args, option) not in (None, value):
+            raise UsageError(f"the {positional.split('_')[0].upper()} argument and "
+                             f"--{option} disagree: give one of them")
+        setattr(args, option, value)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.polls: list[dict[str, str]] = []
         self.posts: list[tuple[str, dict[str, str], bytes]] = []
+        self.hellos: list[bytes] = []  # the agent's POST /api/v1/agent/hello bodies, not in posts
         self.poll_script: list[Responder] = []
         self.post_statuses: list[int] = []
         self.lock = threading.Lock()
@@ -264,6 +265,12 @@ class FakeServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                if self.path.endswith("/api/v1/agent/hello"):
+                    # Said once per (re)start of polling; this fake is a server older than that.
+                    with fake.lock:
+                        fake.hellos.append(body)
+                    send_json(self, 404, {"error": True, "msg": "Not found"})
+                    return
                 with fake.lock:
                     fake.posts.append(
                         (self.path, {k.lower(): v for k, v in self.headers.items()}, body)

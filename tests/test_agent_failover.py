@@ -155,7 +155,8 @@ def test_a_server_answering_5xx_is_left_for_the_next(
                            rf"moving to {server.url}")
     finally:
         assert agent.stop() == 0
-    assert failing.requests == ["GET /tasks"]  # one try, then sticky on the good one
+    # One try (the hello that starts polling a server), then sticky on the good one.
+    assert failing.requests == ["POST /api/v1/agent/hello"]
 
 
 def test_the_first_server_is_drawn_at_random_and_kept(tmp_path: Path) -> None:

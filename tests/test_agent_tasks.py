@@ -68,7 +68,6 @@ def test_ping(admin: Admin) -> None:
 @pytest.mark.parametrize(
     ("task", "message"),
     [
-        ({"type": "frobnicate"}, "unknown task type: frobnicate"),
         ({"type": "execute_cmd"}, "missing field 'cmd'"),
         ({"type": "execute_cmd", "cmd": 42}, "field 'cmd' must be a string"),
         (
@@ -107,6 +106,14 @@ def test_unknown_type_or_bad_field_is_an_error_result(
     admin: Admin, task: dict[str, Any], message: str
 ) -> None:
     assert message in error_of(admin, task)
+
+
+def test_a_type_the_agent_does_not_offer_is_refused_at_the_submit(admin: Admin) -> None:
+    """The agent's hello named the types it runs; the server queues no other (the agent's own
+    answer to an unknown type is in test_agent_enroll.py, against a server that sends it)."""
+    status, _, body = admin._http("POST", f"{admin.server.url}/tasks?target={NAME}&timeout=5",
+                                  {"type": "frobnicate"}, admin.headers)
+    assert status == 400 and b"does not run task type frobnicate" in body, body
 
 
 def test_agent_survives_every_bad_task(env: tuple[RunningServer, Admin, AgentProcess]) -> None:

@@ -127,11 +127,11 @@ class Tasks:
 
     # --- submitting --------------------------------------------------------------------------
 
-    def create(self, targets: Sequence[str], body: Any, submitted_by: str,
-               expires_s: float | None = None,
-               address: str | None = None) -> tuple[list[Task], asyncio.Future[Any]]:
-        """Validates and queues one task per target; nothing is queued if anything is wrong.
-        Runs after `prepare`. Returns the tasks and the future of their insert's commit."""
+    def check(self, targets: Sequence[str], body: Any,
+              queued: dict[str, int] | None = None) -> str:
+        """Refuses (ApiError) what create would refuse, queuing nothing; the task's type.
+        queued: tasks the caller will queue first in the same turn, by agent (an atomic
+        batch's earlier parts), counted against each agent's queue bound."""
         if not targets:
             raise ApiError(400, "Missing target parameter")
         if not isinstance(body, dict):
@@ -143,7 +143,7 @@ class Tasks:
             raise ApiError(400, "Task type too long (at most 64 characters)")
         if not kind.isprintable() or not (kind.isascii() or _encodable(kind)):
             raise ApiError(400, "Task type must be printable text")
-        pending: dict[str, int] = {}
+        pending: dict[str, int] = dict(queued) if queued else {}
         for name in targets:
             acc = self.auth.accounts.get(name) if isinstance(name, str) else None
             if acc is None or acc.kind != "agent":
@@ -157,7 +157,18 @@ class Tasks:
             pending[name] = pending.get(name, 0) + 1
             if self.dispatcher.queued(name) + pending[name] > self.s.queue_max:
                 raise ApiError(503, "Task queue is full")
-        if not self._has_ids(len(targets)):  # callers run prepare() first
+        return kind
+
+    def create(self, targets: Sequence[str], body: Any, submitted_by: str,
+               expires_s: float | None = None, address: str | None = None,
+               ids: Sequence[int] | None = None,
+               waiter: Any = None) -> tuple[list[Task], asyncio.Future[Any]]:
+        """Validates and queues one task per target; nothing is queued if anything is wrong.
+        Runs after `prepare`. Returns the tasks and the future of their insert's commit.
+        ids: given by the caller (a job records them before its tasks exist); waiter: told
+        of each task's end (core/waiting.py's Waiting, or a job's)."""
+        kind = self.check(targets, body)
+        if ids is None and not self._has_ids(len(targets)):  # callers run prepare() first
             raise ApiError(503, "No task ids reserved; try again")
         payload = {k: v for k, v in body.items() if k not in ("id", "type")}
         payload_json = codec.compact(payload)
@@ -165,14 +176,14 @@ class Tasks:
         expires = now + int((expires_s if expires_s is not None else self.s.task_expiry_s) * 1000)
         tasks = []
         store = self.store
-        for task_id, name in zip(self._take_ids(len(targets)), targets):
+        for task_id, name in zip(self._take_ids(len(targets)) if ids is None else ids, targets):
             task = Task(task_id, name, kind, payload, submitted_by, now, expires,
-                        payload_json=payload_json)
+                        payload_json=payload_json, waiter=waiter)
             tasks.append(task)
             inserted = store.save_task(task)  # one batch: the last one's commit is all of them
-        ids = f"{tasks[0].id}" if len(tasks) == 1 else f"{tasks[0].id}-{tasks[-1].id}"
+        span = f"{tasks[0].id}" if len(tasks) == 1 else f"{tasks[0].id}-{tasks[-1].id}"
         store.audit(submitted_by, "task_submit",
-                    f"{kind} to {','.join(targets)[:500]} (task {ids})", address)
+                    f"{kind} to {','.join(targets)[:500]} (task {span})", address)
         dispatcher = self.dispatcher
         if self.fleet:  # agents not polling here: the node where they poll is woken
             by_agent: dict[str, int | None] = {}
