@@ -6,6 +6,14 @@ One file, standard library only (Python >= 3.9), so it can be copied anywhere.
     dutctl login URL --user NAME          password on stdin (prompted without echo on a terminal)
                                           URL: one server, or a fleet's nodes as URL1,URL2
     dutctl agents                         name, online, last seen, version
+    dutctl agents pending                 machines waiting to join (enrollment requests)
+    dutctl agents accept|reject NAME_OR_ID…   decide on pending requests
+    dutctl agents revoke|rekey NAME…      end an agent's credential / have it make a new one
+    dutctl agents adopt NAME              make an existing agent account an enrolled identity
+    dutctl agents label NAME k=v… [k-]    set (or remove) an agent's labels
+    dutctl tokens [list]                  enrollment tokens
+    dutctl tokens create [--expires 1d] [--uses N|--unlimited] [--label k=v] [--auto-accept]
+    dutctl tokens revoke ID
     dutctl run TARGETS -- COMMAND         run a shell command, wait for the results, summarise them
     dutctl task TYPE TARGETS key=value …  any task type
     dutctl history [ID]                   past tasks, newest first, or one task in full
@@ -1047,6 +1055,355 @@ def classic_failure(client: Client, answer: Answer, timeout_s: float) -> CtlErro
 
 
 # ---------------------------------------------------------------------------------------------
+# Enrollment: requests to join, enrolled identities, tokens
+# ---------------------------------------------------------------------------------------------
+
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> float:
+    """`3600`, `90s`, `30m`, `12h`, `1d`, `2w` -> seconds."""
+    raw = text.strip().lower()
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):] or "s"
+    try:
+        value = float(number) * DURATION_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (seconds, or a number with s, m, h, d or w: 12h, 1d)") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive duration: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def parse_labels(items: list[str], removals: bool = False) -> tuple[dict[str, str], list[str]]:
+    """`key=value` words into labels; with removals, `key-` words name labels to remove."""
+    labels: dict[str, str] = {}
+    removed: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if removals and not sep and item.endswith("-") and len(item) > 1:
+            removed.append(item[:-1])
+            continue
+        if not sep or not key.strip():
+            hint = " (or key- to remove one)" if removals else ""
+            raise CtlError(f"expected a label as key=value{hint}, got {item!r}", EXIT_USAGE)
+        labels[key.strip()] = value.strip()
+    return labels, removed
+
+
+def label_text(labels: Any) -> str:
+    if not isinstance(labels, dict) or not labels:
+        return "-"
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def enroll_failure(client: Client, answer: Answer, path: str) -> CtlError:
+    """An unknown request, agent or token is a usage error (2); a request in another state, a
+    name taken, an agent enrolled already: the action failed (1); the rest as for any call."""
+    msg = server_msg(answer.data)
+    if msg is not None and answer.status == 404:
+        return CtlError(msg, EXIT_USAGE)
+    if msg is not None and answer.status == 409:
+        return CtlError(msg, EXIT_FAILED)
+    return client.failure(answer, path)
+
+
+def enroll_call(client: Client, method: str, path: str, timeout_s: float,
+                body: Any = None) -> dict[str, Any]:
+    answer = client.send(method, path, body=body, timeout_s=timeout_s)
+    if 200 <= answer.status < 300 and isinstance(answer.data, dict):
+        return answer.data
+    if 200 <= answer.status < 300:
+        raise client.unexpected(answer, path)
+    raise enroll_failure(client, answer, path)
+
+
+def fetch_pending(client: Client, timeout_s: float, kind: str | None = None) -> list[dict[str, Any]]:
+    data = client.call("GET", "/api/v1/enrollments", query={"state": "pending", "kind": kind},
+                       timeout_s=timeout_s)
+    found = data.get("enrollments")
+    if not isinstance(found, list):
+        raise client.unexpected(Answer(200, data, None), "/api/v1/enrollments")
+    return [e for e in found if isinstance(e, dict)]
+
+
+def facts_of(request: dict[str, Any]) -> dict[str, Any]:
+    facts = request.get("facts")
+    return facts if isinstance(facts, dict) else {}
+
+
+def host_of(request: dict[str, Any]) -> str:
+    return str(facts_of(request).get("hostname") or request.get("name") or "-")
+
+
+def describe_request(request: dict[str, Any]) -> str:
+    name, host = str(request.get("name")), host_of(request)
+    return f"request {request.get('id')} ({name}{'' if host in (name, '-') else ', ' + host})"
+
+
+def resolve_requests(words: list[str], pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Request ids, or the names pending requests go by (the name each would get), into
+    requests; nothing is decided unless every word names exactly one pending request."""
+    by_id = {e.get("id"): e for e in pending}
+    chosen: dict[Any, dict[str, Any]] = {}
+    problems: list[str] = []
+    for word in words:
+        if word.isdigit():
+            request = by_id.get(int(word))
+            if request is None:
+                problems.append(f"no pending request has the id {word}")
+            else:
+                chosen[request["id"]] = request
+            continue
+        matches = [e for e in pending if e.get("name") == word]
+        if not matches:
+            matches = [e for e in pending if facts_of(e).get("hostname") == word]
+        if len(matches) == 1:
+            chosen[matches[0]["id"]] = matches[0]
+        elif not matches:
+            problems.append(f"no pending request is called {word}")
+        else:
+            ids = ", ".join(str(e.get("id")) for e in matches)
+            problems.append(f"{len(matches)} pending requests are called {word} (ids {ids}); "
+                            "give the id instead")
+    if problems:
+        raise CtlError("; ".join(problems) + " (see `dutctl agents pending`)", EXIT_USAGE)
+    return list(chosen.values())
+
+
+def cmd_agents_pending(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    data = client.call("GET", "/api/v1/enrollments", query={"state": "pending", "kind": args.kind},
+                       timeout_s=timeout_s)
+    pending = data.get("enrollments")
+    if not isinstance(pending, list):
+        raise client.unexpected(Answer(200, data, None), "/api/v1/enrollments")
+    if args.json:
+        emit_json({"error": False, "enrollments": pending, "pending": data.get("pending")})
+        return EXIT_OK
+    if not pending:
+        print("no pending enrollment requests")
+        return EXIT_OK
+    rows = []
+    for e in pending:
+        facts = facts_of(e)
+        os_name = " ".join(str(facts[k]) for k in ("os", "os_version") if facts.get(k)) or "-"
+        rows.append([str(e.get("id")), str(e.get("kind")), str(e.get("name")), host_of(e),
+                     shorten(os_name, 24), str(e.get("address") or "-"),
+                     str(e.get("duplicate_of") or "-"), time_ago(e.get("created_at"))])
+    print_table(["ID", "KIND", "NAME", "HOST", "OS", "ADDRESS", "DUPLICATE OF", "AGE"], rows)
+    return EXIT_OK
+
+
+def cmd_agents_decide(args: argparse.Namespace) -> int:
+    """accept or reject pending requests, named by id or name; the rest goes on when one fails."""
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    accept = args.action == "accept"
+    if not args.requests:
+        raise CtlError(f"which requests? dutctl agents {args.action} NAME_OR_ID…", EXIT_USAGE)
+    labels, _ = parse_labels(getattr(args, "label", None) or [])
+    new_name = getattr(args, "name", None)
+    requests = resolve_requests(args.requests, fetch_pending(client, timeout_s))
+    if new_name is not None and len(requests) != 1:
+        raise CtlError("--name gives one request its name: name one request only", EXIT_USAGE)
+    results: list[dict[str, Any]] = []
+    for request in requests:
+        path = f"/api/v1/enrollments/{request['id']}/{args.action}"
+        body: dict[str, Any] | None = None
+        if accept:
+            body = {}
+            if new_name is not None:
+                body["name"] = new_name
+            if labels:
+                body["labels"] = labels
+        try:
+            data = enroll_call(client, "POST", path, timeout_s, body)
+        except CtlError as e:
+            if e.exit_code not in (EXIT_USAGE, EXIT_FAILED):
+                raise
+            warn(f"cannot {args.action} {describe_request(request)}: {e.msg}")
+            results.append({"id": request["id"], "ok": False, "msg": e.msg})
+            continue
+        decided = data.get("enrollment") if isinstance(data.get("enrollment"), dict) else {}
+        results.append({"id": request["id"], "ok": True, "enrollment": decided})
+        if not args.json:
+            if accept:
+                print(f"accepted {describe_request(request)} as agent {decided.get('name')}")
+            else:
+                print(f"rejected {describe_request(request)}")
+    ok = all(r["ok"] for r in results)
+    if args.json:
+        emit_json({"error": False, "ok": ok, "results": results})
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def known_agents(client: Client, names: list[str], timeout_s: float) -> None:
+    """Every name is an agent, or nothing is done (as for the targets of `run`)."""
+    known = {str(a.get("name")) for a in fetch_agents(client, timeout_s)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CtlError(f"unknown {'agent' if len(unknown) == 1 else 'agents'}: "
+                       f"{', '.join(unknown)}", EXIT_USAGE)
+
+
+def cmd_agents_each(args: argparse.Namespace) -> int:
+    """revoke or rekey agents, one request each."""
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    names = list(dict.fromkeys(args.names))
+    if not names:
+        raise CtlError(f"which agents? dutctl agents {args.action} NAME…", EXIT_USAGE)
+    known_agents(client, names, timeout_s)
+    results: list[dict[str, Any]] = []
+    for name in names:
+        path = f"/api/v1/agents/{urllib.parse.quote(name, safe='')}/{args.action}"
+        try:
+            data = enroll_call(client, "POST", path, timeout_s)
+        except CtlError as e:
+            if e.exit_code not in (EXIT_USAGE, EXIT_FAILED):
+                raise
+            warn(f"cannot {args.action} {name}: {e.msg}")
+            results.append({"name": name, "ok": False, "msg": e.msg})
+            continue
+        if args.action == "rekey":
+            results.append({"name": name, "ok": True, "task": data.get("task")})
+            if not args.json:
+                print(f"re-key of {name} requested (task {data.get('task')}): the agent makes a "
+                      "new credential with its next poll")
+        else:
+            results.append({"name": name, "ok": True})
+            if not args.json:
+                print(f"revoked {name}: its credential no longer works")
+    ok = all(r["ok"] for r in results)
+    if args.json:
+        emit_json({"error": False, "ok": ok, "results": results})
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_agents_adopt(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    path = f"/api/v1/agents/{urllib.parse.quote(args.name, safe='')}/adopt"
+    data = enroll_call(client, "POST", path, timeout_s)
+    enrollment = data.get("enrollment") if isinstance(data.get("enrollment"), dict) else {}
+    if args.json:
+        emit_json({"error": False, "enrollment": enrollment})
+    else:
+        print(f"{args.name} is an enrolled identity now (request {enrollment.get('id')}): "
+              "it can be revoked and re-keyed")
+    return EXIT_OK
+
+
+def cmd_agents_label(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    given, removed = parse_labels(args.pairs, removals=not args.replace)
+    if not given and not removed and not args.replace:
+        raise CtlError("which labels? dutctl agents label NAME key=value… (key- removes one; "
+                       "--replace with no labels removes all)", EXIT_USAGE)
+    quoted = urllib.parse.quote(args.name, safe="")
+    if args.replace:
+        labels = given
+    else:
+        data = enroll_call(client, "GET", f"/api/v1/agents/{quoted}", timeout_s)
+        agent = data.get("agent") if isinstance(data.get("agent"), dict) else {}
+        current = agent.get("labels")
+        if not isinstance(current, dict):
+            raise CtlError("this server does not report agents' labels; set them all at once "
+                           "with --replace", EXIT_SERVER)
+        labels = {k: str(v) for k, v in current.items() if k not in removed}
+        labels.update(given)
+    enroll_call(client, "PUT", f"/api/v1/agents/{quoted}/labels", timeout_s, {"labels": labels})
+    if args.json:
+        emit_json({"error": False, "name": args.name, "labels": labels})
+    else:
+        print(f"{args.name}: {label_text(labels) if labels else 'no labels'}")
+    return EXIT_OK
+
+
+def uses_text(token: dict[str, Any]) -> str:
+    limit = token.get("max_uses")
+    return f"{token.get('uses')}/{'unlimited' if limit is None else limit}"
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    data = client.call("GET", "/api/v1/enrollment-tokens",
+                       timeout_s=args.timeout or DEFAULT_REQUEST_TIMEOUT_S)
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list):
+        raise client.unexpected(Answer(200, data, None), "/api/v1/enrollment-tokens")
+    if args.json:
+        emit_json({"error": False, "tokens": tokens})
+        return EXIT_OK
+    if not tokens:
+        print("no enrollment tokens; make one with `dutctl tokens create`")
+        return EXIT_OK
+    rows = [[str(t.get("id")), str(t.get("state")), uses_text(t), local_time(t.get("expires_at")),
+             "yes" if t.get("auto_accept") else "no", label_text(t.get("labels")),
+             shorten(str(t.get("note") or "-"), 40)] for t in tokens if isinstance(t, dict)]
+    print_table(["ID", "STATE", "USES", "EXPIRES", "AUTO-ACCEPT", "LABELS", "NOTE"], rows)
+    return EXIT_OK
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    labels, _ = parse_labels(args.label or [])
+    body: dict[str, Any] = {"labels": labels, "auto_accept": args.auto_accept,
+                            "note": args.note or ""}
+    if args.expires is not None:
+        body["expires_s"] = math.ceil(args.expires)
+    if args.unlimited:
+        body["max_uses"] = None
+    elif args.uses is not None:
+        body["max_uses"] = args.uses
+    data = client.call("POST", "/api/v1/enrollment-tokens", body=body, timeout_s=timeout_s)
+    token = data.get("token")
+    if not isinstance(token, dict) or not isinstance(token.get("token"), str):
+        raise client.unexpected(Answer(201, data, None), "/api/v1/enrollment-tokens")
+    command = f"dutagent enroll {client.url} {token['token']}"
+    if args.json:
+        emit_json({"error": False, "token": token, "command": command})
+        return EXIT_OK
+    limit = token.get("max_uses")
+    uses = "unlimited uses" if limit is None else plural(int(limit), "use")
+    accept = "accepted without asking" if token.get("auto_accept") else "accepted by an admin"
+    print(f"token {token.get('id')}: {uses}, expires {local_time(token.get('expires_at'))}, "
+          f"labels {label_text(token.get('labels'))}, machines {accept}")
+    print(f"  {token['token']}")
+    print("on the new machine, run:")
+    print(f"  {command}")
+    print(f"the token is shown only this once; `dutctl tokens revoke {token.get('id')}` "
+          "withdraws it")
+    return EXIT_OK
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    enroll_call(client, "DELETE", f"/api/v1/enrollment-tokens/{args.id}",
+                args.timeout or DEFAULT_REQUEST_TIMEOUT_S)
+    if args.json:
+        emit_json({"error": False, "revoked": args.id})
+    else:
+        print(f"token {args.id} revoked: no machine can join with it any more")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -1104,7 +1461,76 @@ def build_parser() -> ArgParser:
     p.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for an https server")
 
     add("logout", cmd_logout, "end the session on the server and forget it here")
-    add("agents", cmd_agents, "list agents: name, online, last seen, version")
+    p = add("agents", cmd_agents, "list agents (name, online, last seen, version), or act on "
+            "enrollment requests and enrolled agents",
+            usage="dutctl agents [options] [pending|accept|reject|revoke|rekey|adopt|label] …")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgParser,
+                               prog="dutctl agents")
+
+    def action(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+               **kwargs: Any) -> ArgParser:
+        q = actions.add_parser(name, parents=[common], help=help_text, description=help_text,
+                               **kwargs)
+        q.set_defaults(handler=handler)
+        return q
+
+    def add_label_option(q: ArgParser, help_text: str) -> None:
+        q.add_argument("--label", action="append", metavar="KEY=VALUE", help=help_text)
+
+    q = action("pending", cmd_agents_pending, "machines waiting to join: id, kind, name, host, "
+               "OS, address, possible duplicate, age")
+    q.add_argument("--kind", choices=["agent", "rdfm", "oco"])
+    q = action("accept", cmd_agents_decide, "accept pending requests: each becomes an agent",
+               epilog="NAME_OR_ID: a request's id, or the name it goes by in `dutctl agents "
+                      "pending` (unique among the pending requests).")
+    q.add_argument("requests", nargs="*", metavar="NAME_OR_ID")
+    q.add_argument("--name", metavar="NEW", help="the agent's name (one request only; default: "
+                                                 "the name the request goes by, made unique)")
+    add_label_option(q, "a label for the new agents, over the token's (repeatable)")
+    q = action("reject", cmd_agents_decide, "reject pending requests")
+    q.add_argument("requests", nargs="*", metavar="NAME_OR_ID")
+    q = action("revoke", cmd_agents_each, "revoke agents: their credentials stop working at once")
+    q.add_argument("names", nargs="*", metavar="NAME")
+    q = action("rekey", cmd_agents_each, "have agents make a new credential with their next poll")
+    q.add_argument("names", nargs="*", metavar="NAME")
+    q = action("adopt", cmd_agents_adopt, "make an existing agent account an enrolled identity "
+               "(revocable, re-keyable)")
+    q.add_argument("name", metavar="NAME")
+    q = action("label", cmd_agents_label, "set an agent's labels: key=value sets one, key- "
+               "removes one, the others stay")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
+    q.add_argument("--replace", action="store_true",
+                   help="the labels given become all the agent's labels")
+
+    p = add("tokens", cmd_tokens_list, "enrollment tokens: list, create, revoke",
+            usage="dutctl tokens [options] [list|create|revoke] …")
+    token_actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgParser,
+                                     prog="dutctl tokens")
+
+    def token_action(name: str, handler: Callable[[argparse.Namespace], int],
+                     help_text: str) -> ArgParser:
+        q = token_actions.add_parser(name, parents=[common], help=help_text,
+                                     description=help_text)
+        q.set_defaults(handler=handler)
+        return q
+
+    token_action("list", cmd_tokens_list, "list enrollment tokens (never the tokens themselves)")
+    q = token_action("create", cmd_tokens_create,
+                     "create an enrollment token; it is printed this once")
+    q.add_argument("--expires", type=duration, metavar="DURATION",
+                   help="lifetime: seconds, or 30m, 12h, 1d, 2w (default: the server's, 1 d)")
+    uses = q.add_mutually_exclusive_group()
+    uses.add_argument("--uses", type=positive_int, metavar="N",
+                      help="how many machines may join with it (default 1)")
+    uses.add_argument("--unlimited", action="store_true",
+                      help="any number of machines until it expires")
+    add_label_option(q, "a label the machines get (repeatable)")
+    q.add_argument("--auto-accept", action="store_true",
+                   help="accept machines without asking (possible duplicates still wait)")
+    q.add_argument("--note", metavar="TEXT", help="what the token is for")
+    q = token_action("revoke", cmd_tokens_revoke, "revoke an enrollment token: it stops working")
+    q.add_argument("id", type=int, metavar="ID")
 
     def add_wait_options(p: ArgParser) -> None:
         p.add_argument("--no-wait", action="store_true",
@@ -1156,6 +1582,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # argparse takes no more positionals once an option followed the first ones
     # (`task ping pc1 --no-wait n=5`), so such leftovers go to the command's trailing list.
     trailing = {"run": "words", "task": "fields"}.get(args.command)
+    if args.command == "agents":
+        trailing = {"accept": "requests", "reject": "requests", "revoke": "names",
+                    "rekey": "names", "label": "pairs"}.get(str(getattr(args, "action", None)))
     stray = [word for word in extra if trailing is None or word.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -1169,6 +1598,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     args.json = getattr(args, "json", False)
     args.timeout = getattr(args, "timeout", None)
     args.server = getattr(args, "server", None)
+    args.action = getattr(args, "action", None)
     return args
 
 

@@ -1,10 +1,12 @@
-// One agent: a header with its live state, and tabs for command, processes, files,
-// inventory and task history. Tabs are built on first use and keep their state.
+// One agent: a header with its live state, what it runs and its labels, Revoke and Re-key,
+// and tabs for command, processes, files, inventory and task history. Tabs are built on first
+// use and keep their state.
 
 import * as api from "./api.js";
 import { commandPanel } from "./command.js";
-import { errorBox, h, setText } from "./dom.js";
-import { ago, dateTime } from "./format.js";
+import { busy, errorBox, h, setChildren, setText } from "./dom.js";
+import { confirmDialog } from "./dialog.js";
+import { ago, dateTime, text } from "./format.js";
 import { filesPanel } from "./files.js";
 import { inventoryPanel } from "./inventory.js";
 import { processesPanel } from "./processes.js";
@@ -28,6 +30,15 @@ export function agentView(container, { name, tab }) {
   const error = errorBox();
   const state = h("span", { class: "badge", text: "…" });
   const facts = h("span", { class: "agent-facts muted" });
+  const revokedBadge = h("span", { class: "badge state-revoked", text: "revoked", hidden: true });
+  const rekeyButton = h("button", { type: "button", class: "small", text: "Re-key", hidden: true,
+    title: "Tell the agent to make a new credential" });
+  const revokeButton = h("button", { type: "button", class: "small danger", text: "Revoke",
+    hidden: true, title: "Stop this agent's credential from working" });
+  const actions = h("div", { class: "agent-actions" }, rekeyButton, revokeButton);
+  const notice = h("p", { class: "notice", role: "status", hidden: true });
+  const profile = h("div", { class: "agent-profile" });
+  let profileShown = null;
   const panels = new Map();
   const tabButtons = new Map();
   const tablist = h("div", { class: "tabs", role: "tablist", "aria-label": `Views of ${name}` });
@@ -37,8 +48,47 @@ export function agentView(container, { name, tab }) {
   container.append(h("section", { class: "agent-page" },
     h("nav", { class: "crumbs", "aria-label": "Breadcrumb" },
       h("a", { href: "#/", text: "Agents" }), " / ", h("span", { text: name })),
-    h("div", { class: "page-head" }, h("h1", { text: name }), state, facts),
-    error.el, tablist, panelHost));
+    h("div", { class: "page-head" }, h("h1", { text: name }), state, revokedBadge, facts, actions),
+    profile, error.el, notice, tablist, panelHost));
+
+  rekeyButton.addEventListener("click", async () => {
+    const ok = await confirmDialog(`Re-key ${name}?`,
+      "With its next poll the agent makes a new credential and sends it. Its old credential "
+      + "keeps working until the new one is first used.", { confirmLabel: "Re-key" });
+    if (!ok) return;
+    await busy(rekeyButton, "Re-keying…", async () => {
+      error.clear();
+      notice.hidden = true;
+      try {
+        const answer = await api.rekeyAgent(name);
+        notice.textContent = `Re-key requested (task #${text(answer && answer.task)}): the `
+          + `agent makes a new credential with its next poll${agent && !agent.online
+            ? ", once it is online again" : ""}.`;
+        notice.hidden = false;
+      } catch (err) {
+        if (!(err instanceof api.SessionExpired)) error.show(`Cannot re-key ${name}: ${err.message}`);
+      }
+    });
+  });
+  revokeButton.addEventListener("click", async () => {
+    const ok = await confirmDialog(`Revoke ${name}?`,
+      "Its credential stops working at once: the agent can no longer fetch tasks or send "
+      + "results until it enrolls again. Its history stays.",
+      { confirmLabel: "Revoke", danger: true });
+    if (!ok) return;
+    await busy(revokeButton, "Revoking…", async () => {
+      error.clear();
+      notice.hidden = true;
+      try {
+        await api.revokeAgent(name);
+        notice.textContent = `${name} is revoked.`;
+        notice.hidden = false;
+      } catch (err) {
+        if (!(err instanceof api.SessionExpired)) error.show(`Cannot revoke ${name}: ${err.message}`);
+      }
+      await loadAgent();
+    });
+  });
 
   for (const [key, label] of TABS) {
     const button = h("button", {
@@ -119,7 +169,7 @@ export function agentView(container, { name, tab }) {
       agent = (await api.getAgent(name)).agent;
       if (destroyed) return;
       error.clear();
-      for (const el of [state, tablist, panelHost]) el.hidden = false;
+      for (const el of [state, tablist, panelHost, actions, profile]) el.hidden = false;
       const online = Boolean(agent.online);
       setText(state, online ? "online" : "offline");
       state.className = `badge ${online ? "state-online" : "state-offline"}`;
@@ -129,15 +179,42 @@ export function agentView(container, { name, tab }) {
       if (agent.agent_version) parts.push(`agent ${agent.agent_version}`);
       setText(facts, parts.join(" · "));
       facts.title = agent.last_seen ? `Last seen ${dateTime(agent.last_seen)}` : "";
+      const revoked = agent.revoked === true;
+      revokedBadge.hidden = !revoked;
+      revokeButton.hidden = revoked;
+      rekeyButton.hidden = revoked;
+      // An agent that said which task types it runs and left out rekey cannot be re-keyed.
+      const noRekey = Array.isArray(agent.capabilities) && !agent.capabilities.includes("rekey");
+      if (rekeyButton.getAttribute("aria-busy") !== "true") rekeyButton.disabled = noRekey;
+      rekeyButton.title = noRekey ? "This agent does not run rekey tasks (an older agent?)"
+        : "Tell the agent to make a new credential";
+      showProfile(agent);
       for (const show of inventoryListeners) show(agent);
     } catch (err) {
       if (err instanceof api.SessionExpired || destroyed) return;
       if (err.status === 404) {
         // Nothing to run anything on; the page recovers if the agent is created meanwhile.
-        for (const el of [state, tablist, panelHost]) el.hidden = true;
+        for (const el of [state, tablist, panelHost, actions, profile]) el.hidden = true;
         error.show(`There is no agent called ${name}.`);
       } else error.show(`Cannot load the agent: ${err.message}`);
     }
+  }
+
+  /** What the agent said it runs (its capabilities) and the labels admins gave it. */
+  function showProfile(a) {
+    const capabilities = Array.isArray(a.capabilities) ? a.capabilities.map(text) : null;
+    const labels = a.labels && typeof a.labels === "object" ? Object.entries(a.labels) : [];
+    const key = JSON.stringify([capabilities, labels]);
+    if (key === profileShown) return;
+    profileShown = key;
+    setChildren(profile,
+      capabilities ? h("div", { class: "profile-line" }, h("span", { class: "muted", text: "Runs" }),
+        capabilities.length ? h("ul", { class: "chips", "aria-label": "Task types it runs" },
+          capabilities.map((c) => h("li", { text: c })))
+          : h("span", { text: "no task types" })) : null,
+      labels.length ? h("div", { class: "profile-line" }, h("span", { class: "muted", text: "Labels" }),
+        h("ul", { class: "chips", "aria-label": "Labels" },
+          labels.map(([k, v]) => h("li", { text: `${k}=${text(v)}` })))) : null);
   }
 
   return () => {

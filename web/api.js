@@ -188,3 +188,21 @@ export async function getSelfRegistration() {
 }
 export const setSelfRegistration = (enabled) =>
   request("POST", `/agent_selfreg?enabled=${enabled ? 1 : 0}`, { classic: true });
+
+// --- enrollment -------------------------------------------------------------------------
+
+/** Requests to join, newest first, with the number pending; filters: state, kind. */
+export const listEnrollments = (filters = {}) =>
+  request("GET", `/api/v1/enrollments${query(filters)}`, { withDate: true });
+/** body: {} or { name, labels }; an empty body takes the name the machine proposed. */
+export const acceptEnrollment = (id, body = {}) =>
+  request("POST", `/api/v1/enrollments/${enc(id)}/accept`, { body });
+export const rejectEnrollment = (id) => request("POST", `/api/v1/enrollments/${enc(id)}/reject`);
+export const listEnrollTokens = () => request("GET", "/api/v1/enrollment-tokens");
+/** { expires_s, max_uses (null: unlimited), labels, auto_accept, note } → the token, once. */
+export const createEnrollToken = (body) =>
+  request("POST", "/api/v1/enrollment-tokens", { body });
+export const revokeEnrollToken = (id) =>
+  request("DELETE", `/api/v1/enrollment-tokens/${enc(id)}`);
+export const revokeAgent = (name) => request("POST", `/api/v1/agents/${enc(name)}/revoke`);
+export const rekeyAgent = (name) => request("POST", `/api/v1/agents/${enc(name)}/rekey`);

@@ -7,6 +7,7 @@ import { adminView } from "./admin.js";
 import { broadcastView } from "./broadcast.js";
 import { dashboardView } from "./dashboard.js";
 import { busy, errorBox, h } from "./dom.js";
+import { enrollView, pendingBadge } from "./enroll.js";
 import { selection } from "./selection.js";
 
 const main = document.getElementById("view");
@@ -57,6 +58,7 @@ function route() {
   else if (page === "agent" && rest[0]) mount(rest[0], agentView, { name: rest[0], tab: rest[1] });
   else if (page === "broadcast") mount("Run on many agents", broadcastView);
   else if (page === "admin") mount("Administration", adminView, { section: rest[0] });
+  else if (page === "enroll") mount("Enrollment", enrollView, { section: rest[0] });
   else {
     document.title = "Not found — dutserver";
     main.append(h("section", { class: "not-found" },
@@ -83,6 +85,10 @@ function renderTopbar(page) {
   const link = (href, text, active) => h("a", {
     href, text, "aria-current": active ? "page" : false,
   });
+  // The number of machines waiting to join, refreshed every few seconds (enroll.js).
+  const enrollLink = link("#/enroll", "Enrollment", page === "enroll");
+  enrollLink.append(pendingBadge.element());
+  pendingBadge.start();
   const logoutButton = h("button", { type: "button", class: "logout", text: "Log out" });
   logoutButton.addEventListener("click", () => busy(logoutButton, "Logging out…", async () => {
     await api.logout();
@@ -94,6 +100,7 @@ function renderTopbar(page) {
     h("nav", { "aria-label": "Main" },
       link("#/", "Agents", page === "" || page === "agent"),
       link("#/broadcast", "Run on many", page === "broadcast"),
+      enrollLink,
       link("#/admin", "Admin", page === "admin")),
     h("span", { class: "user", title: "Logged in as", text: api.session.user }),
     logoutButton);
@@ -102,6 +109,7 @@ function renderTopbar(page) {
 
 function showLogin(notice = "") {
   unmount();
+  pendingBadge.stop();
   topbar.hidden = true;
   topbar.replaceChildren();
   document.title = "Log in — dutserver";
