@@ -213,13 +213,16 @@ def test_task_of_any_type_groups_identical_results(admin: Ctl) -> None:
 
 
 def test_task_error_from_the_agent_is_a_failure(admin: Ctl) -> None:
-    doc = admin.json("task", "no_such_type", "lab-1", expect_rc=1)
+    doc = admin.json("task", "readfile", "lab-1", "path=/no/such/file", expect_rc=1)
 
     (result,) = doc["results"]
     assert result["outcome"] == "failed" and result["state"] == "failed"
     assert result["msg"]
-    proc = admin("task", "no_such_type", "lab-1")
+    proc = admin("task", "readfile", "lab-1", "path=/no/such/file")
     assert proc.returncode == 1 and proc.stderr.startswith("dutctl: lab-1: error: ")
+    # A type the agent does not run is refused at the submit (it said what it runs).
+    proc = admin("task", "no_such_type", "lab-1")
+    assert proc.returncode != 0 and "does not run task type no_such_type" in proc.stderr
 
 
 def test_task_rejects_malformed_fields_before_submitting(admin: Ctl) -> None:
