@@ -181,3 +181,29 @@ class EnrollmentRecord:
     updated_ms: int
     decided_ms: int | None
     decided_by: str | None
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A fleet job as stored: one task body for many targets, released in waves."""
+
+    id: int
+    created_by: str
+    created_ms: int
+    updated_ms: int
+    state: str  # running | paused | done | aborted
+    task: str  # the task body, JSON
+    selector: str | None  # how its targets were chosen, if by a selector
+    offline: str  # queue | skip: what becomes of targets offline when their wave goes out
+    expires_s: int  # each task's lifetime in its queue
+    waves: int
+    pause_ms: int | None  # between waves: None none, -1 until an admin resumes, else ms
+    max_failures: int | None  # the failure budget (None: no budget)
+    nonzero_fails: bool  # a command's non-zero exit status counts as a failure
+    released: int  # waves released so far
+    released_ms: int | None
+    next_ms: int | None  # the next wave goes out then (a pause between waves)
+    reason: str | None  # why it is paused, or how it ended
+    schedule_id: int | None
+    finished_ms: int | None
+    targets: int

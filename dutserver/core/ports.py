@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, EnrollmentRecord,
-                                  EnrollTokenRecord, Outcome, SessionRecord, Task, TaskFilter,
+                                  EnrollTokenRecord, JobRecord, Outcome, SessionRecord, Task, TaskFilter,
                                   TaskRecord)
 
 
@@ -105,7 +105,57 @@ class EnrollmentPort(Protocol):
         ...
 
 
-class Store(EnrollmentPort, Protocol):
+class JobPort(Protocol):
+    """The store's part for fleet jobs (store/job_sql.py, written once for both stores).
+    Tested on the real stores (tests/test_store_jobs.py), not faked."""
+
+    async def add_job(self, created_by: str, now_ms: int, task: str, selector: str | None,
+                      offline: str, expires_s: int, pause_ms: int | None,
+                      max_failures: int | None, nonzero_fails: bool,
+                      waves: Sequence[Sequence[str]], schedule_id: int | None) -> int: ...
+
+    async def job(self, job_id: int) -> JobRecord | None: ...
+
+    async def jobs(self, state: str | None, before_id: int | None,
+                   limit: int) -> list[JobRecord]: ...
+
+    async def active_jobs(self) -> list[int]: ...
+
+    async def job_progress(self, job_id: int) -> list[tuple[int, str, int, int]]:
+        """(wave, state, failed, count): state a task state, `skipped` or `waiting`."""
+        ...
+
+    async def job_wave(self, job_id: int, wave: int) -> list[tuple[str, int | None]]: ...
+
+    async def job_missing_tasks(self, job_id: int) -> list[tuple[str, int]]: ...
+
+    async def release_wave(self, job_id: int, wave: int, assigned: Sequence[tuple[str, int]],
+                           skipped: Sequence[str], node: str, now_ms: int) -> bool:
+        """Claims the wave (compare and set: one node wins) and records its task ids."""
+        ...
+
+    async def claim_refill(self, job_id: int, released_ms: int, now_ms: int) -> bool: ...
+
+    async def set_job_state(self, job_id: int, before: Sequence[str], state: str,
+                            reason: str | None, now_ms: int,
+                            next_ms: int | None = None) -> bool: ...
+
+    async def schedule_wave(self, job_id: int, next_ms: int, now_ms: int) -> bool: ...
+
+    async def set_job_budget(self, job_id: int, max_failures: int | None,
+                             now_ms: int) -> bool: ...
+
+    async def job_targets(self, job_id: int, after: str | None,
+                          limit: int) -> list[tuple[Any, ...]]:
+        """(agent, wave, task_id, skipped, task state, result JSON), by agent name."""
+        ...
+
+    async def job_queued_tasks(self, job_id: int) -> list[int]: ...
+
+    async def job_results(self, job_id: int) -> list[tuple[str, str, str | None]]: ...
+
+
+class Store(EnrollmentPort, JobPort, Protocol):
     """The database: durable facts shared by every process of a fleet."""
 
     node: str  #: the name of this process in its fleet, written as a task's `delivered_by`

@@ -12,6 +12,7 @@ from dutserver.core.auth import Auth
 from dutserver.core.devices import RdfmDevices
 from dutserver.core.dispatcher import Dispatcher
 from dutserver.core.enrollment import Enrollment
+from dutserver.core.jobs import Jobs
 from dutserver.core.fleet import Fleet
 from dutserver.core.clock import Clock
 from dutserver.core.ports import Notifier, Store
@@ -27,6 +28,7 @@ class Services:
     accounts: Accounts
     enrollment: Enrollment
     devices: RdfmDevices  # RDFM devices' enrollment and tokens (served with rdfm_devices on)
+    jobs: Jobs
     openapi: bytes = b"{}"  # this server's OpenAPI description (http/openapi.py)
 
     @property
@@ -78,4 +80,5 @@ def build_services(settings: Settings, store: Store, notifier: Notifier,
     return Services(settings, auth, tasks, Fleet(store, dispatcher, auth, clock, notifier.fleet),
                     Accounts(store, clock, auth, tasks),
                     Enrollment(settings, store, clock, auth, tasks),
-                    RdfmDevices(settings, store, clock, auth))
+                    RdfmDevices(settings, store, clock, auth),
+                    Jobs(settings, store, clock, tasks))

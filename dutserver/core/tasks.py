@@ -125,6 +125,10 @@ class Tasks:
         await self.auth.knows([t for t in targets if isinstance(t, str)])
         await self._reserve(len(targets))
 
+    async def reserve(self, count: int) -> None:
+        """Makes sure count task ids are at hand, so that creates in one turn need no wait."""
+        await self._reserve(count)
+
     # --- submitting --------------------------------------------------------------------------
 
     def check(self, targets: Sequence[str], body: Any,

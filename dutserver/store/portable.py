@@ -89,7 +89,8 @@ async def _drive_postgres(conn: Any, operation: Operation, args: tuple[Any, ...]
 
 @functools.lru_cache(maxsize=512)
 def postgres_text(sql: str) -> str:
-    """`?` placeholders numbered as PostgreSQL wants them (no literal here holds a `?`)."""
+    """`?` placeholders numbered as PostgreSQL wants them (no literal here holds a `?`), and
+    SQLite's `json_extract(x, '$.key')` as PostgreSQL's `(CAST(x AS json)->>'key')`."""
     count = 0
 
     def number(_: re.Match[str]) -> str:
@@ -97,6 +98,7 @@ def postgres_text(sql: str) -> str:
         count += 1
         return f"${count}"
 
+    sql = re.sub(r"json_extract\(([\w.]+), '\$\.(\w+)'\)", r"(CAST(\1 AS json)->>'\2')", sql)
     return re.sub(r"\?", number, sql)
 
 

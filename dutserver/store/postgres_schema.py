@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dutserver.store import enrollment_sql
+from dutserver.store import enrollment_sql, job_sql
 from dutserver.store.portable import POSTGRES_TYPES
 
 MIGRATIONS: list[str] = [
@@ -68,6 +68,8 @@ MIGRATIONS: list[str] = [
     """,
     # Enrollment (written once for both stores: store/enrollment_sql.py).
     enrollment_sql.SCHEMA.format(**POSTGRES_TYPES),
+    # Fleet jobs (store/job_sql.py).
+    job_sql.SCHEMA.format(**POSTGRES_TYPES),
 ]
 
 _LOCK = 0x64757473  # "duts": the advisory lock that serializes migrations between nodes

@@ -23,6 +23,7 @@ from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, Sessi
 from dutserver.store import portable
 from dutserver.store import sqlite_sql as sql
 from dutserver.store.enrollment_sql import EnrollmentStore
+from dutserver.store.job_sql import JobStore
 from dutserver.store.sqlite_schema import connect
 from dutserver.store.writer import (GroupCommitWriter, InlineGroupCommitWriter, RowBatches,
                                     background_priority, checkpoint)
@@ -44,7 +45,7 @@ class _Call:
         return self.fn(conn, *self.args)
 
 
-class SqliteStore(EnrollmentStore):
+class SqliteStore(EnrollmentStore, JobStore):
     """The database as the server uses it: group-committed writes, reads on a reader thread."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL", commit_interval_s: float = 0.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from dutserver.store import enrollment_sql
+from dutserver.store import enrollment_sql, job_sql
 from dutserver.store.portable import SQLITE_TYPES
 
 # Numbered migrations, applied in order at start; PRAGMA user_version records how far we got.
@@ -129,6 +129,8 @@ MIGRATIONS: list[str] = [
     """,
     # Enrollment (written once for both stores: store/enrollment_sql.py).
     enrollment_sql.SCHEMA.format(**SQLITE_TYPES),
+    # Fleet jobs (store/job_sql.py).
+    job_sql.SCHEMA.format(**SQLITE_TYPES),
 ]
 
 
