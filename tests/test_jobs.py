@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from pg_support import pg_server, pg_url  # noqa: F401  (fixtures)
-from support import PollingAgent, RunningServer, http, wait_until
+from support import PollingAgent, RunningServer, wait_until
 from test_enroll import Admin, nodes  # noqa: F401  (the fixture: SQLite, or two nodes)
 
 SECRET = "agent-secret-0123456789"
