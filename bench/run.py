@@ -25,12 +25,13 @@ from bench.durable import DurableSizes, durable
 from bench.env import run_on_uvloop, Env, log
 from bench.fanout import FanoutSizes, fanout
 from bench.idle import IdleSizes, idle
+from bench.jobs import JobSizes, jobs
 from bench.enrolled import EnrolledSizes, enrolled
 from bench.nodes import NodesSizes, nodes
 from bench.servers import pin_generator, raise_fd_limit
 from bench.throughput import ThroughputSizes, calibrate, roundtrip
 
-SCENARIOS = ["calibrate", "roundtrip", "idle", "fanout", "durable", "nodes", "enrolled"]
+SCENARIOS = ["calibrate", "roundtrip", "idle", "fanout", "durable", "nodes", "enrolled", "jobs"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,6 +143,7 @@ async def main(args: argparse.Namespace) -> int:
         "enrolled": lambda: enrolled(env, EnrolledSizes(
             agents=tp.agents, clients=tp.clients, warmup_s=tp.warmup_s,
             duration_s=tp.duration_s, herd_agents=5000 if args.full else 1000)),
+        "jobs": lambda: jobs(env, JobSizes(selector_agents=10_000 if args.full else 2000)),
     }
     failed = 0
     for rep in range(args.repeat):

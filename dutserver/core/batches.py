@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from dutserver.core.errors import ApiError
-from dutserver.core.model import Task, TaskState
+from dutserver.core.model import Task
 from dutserver.core.tasks import Tasks
 
 MAX_PARTS = 1000
@@ -56,13 +56,5 @@ async def submit(tasks: Tasks, parts: object, actor: str,
                                       part.get("expires_s"), address)
         created.append(made)
     assert inserted is not None  # parts is not empty
-    try:
-        await inserted
-    except Exception:
-        for made in created:
-            for task in made:
-                if task.state is TaskState.QUEUED:
-                    tasks.dispatcher.withdraw(task)
-                    tasks.dispatcher.forget(task)
-        raise
+    await tasks.stored([t for made in created for t in made], inserted)
     return created

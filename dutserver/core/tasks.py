@@ -206,17 +206,21 @@ class Tasks:
         if isinstance(targets, list):
             await self._prepare(targets)
         tasks, inserted = self.create(targets, body, submitted_by, expires_s, address)
+        await self.stored(tasks, inserted)
+        return tasks
+
+    async def stored(self, tasks: Sequence[Task], inserted: Awaitable[Any]) -> None:
+        """Waits for the tasks' insert. If it fails (a 500 or a 503, so the submitter may
+        well try again) nothing of it may run: what was not handed out meanwhile is dropped,
+        unsent."""
         try:
             await inserted
         except Exception:
-            # Refused (a 500 or a 503, so the submitter may well try again): nothing of it may
-            # run. What was not handed out meanwhile is dropped, unsent.
             for task in tasks:
                 if task.state is TaskState.QUEUED:
                     self.dispatcher.withdraw(task)
                     self.dispatcher.forget(task)
             raise
-        return tasks
 
     def submit_and_wait(self, targets: Sequence[str], body: Any, submitted_by: str,
                         timeout_s: float, gone: Hangup | None, address: str | None,
