@@ -2002,12 +2002,15 @@ def mac_addresses() -> list[str]:
 
 
 def build_facts() -> JsonDict:
-    """What the server shows an administrator who decides on an enrollment (and may match
-    against its inventory): told with the enrollment and with every hello."""
+    """What the server shows an administrator who decides on an enrollment, and what
+    selectors match (`os=windows,arch=x86_64`): told with the enrollment and with every
+    hello, so it stays current. `os` and `os_version` as the inventory names them."""
     return {
         "hostname": socket.gethostname(),
         "machine_id": machine_id(),
-        "os": os_version(),
+        "os": os_family(),
+        "os_version": os_version(),
+        "arch": platform.machine(),
         "macs": mac_addresses(),
         "agent_version": __version__,
     }

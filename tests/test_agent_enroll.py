@@ -337,9 +337,11 @@ def test_loopback_addresses(dutagent: ModuleType) -> None:
 
 def test_facts(dutagent: ModuleType) -> None:
     facts = dutagent.build_facts()
-    assert set(facts) == {"hostname", "machine_id", "os", "macs", "agent_version"}
+    assert set(facts) == {"hostname", "machine_id", "os", "os_version", "arch", "macs",
+                          "agent_version"}
     assert facts["agent_version"] == dutagent.__version__
-    assert facts["hostname"] and facts["os"]
+    assert facts["hostname"] and facts["os"] in ("Linux", "Windows", "macOS")
+    assert facts["os_version"] and facts["arch"]  # what selectors match: os=linux,arch=…
     if Path("/etc/machine-id").exists() and Path("/etc/machine-id").read_text().strip():
         assert facts["machine_id"] == Path("/etc/machine-id").read_text().strip()
     assert "00:00:00:00:00:00" not in facts["macs"]
@@ -486,7 +488,8 @@ def test_enroll_waits_for_acceptance_then_runs_tasks(tmp_path: Path) -> None:
         method, path, headers, body = fake.requests[0]
         assert (method, path) == ("POST", "/api/v1/enroll")
         assert body["token"] == TOKEN and body["credential"] == fake.credential
-        assert set(body["facts"]) == {"hostname", "machine_id", "os", "macs", "agent_version"}
+        assert set(body["facts"]) == {"hostname", "machine_id", "os", "os_version", "arch", "macs",
+                          "agent_version"}
         assert "ping" in body["capabilities"] and "rekey" in body["capabilities"]
         assert "authorization" not in headers
         # Then an ordinary agent: hello, polls, the result, with Basic name:credential.
