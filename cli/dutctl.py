@@ -18,6 +18,13 @@ One file, standard library only (Python >= 3.9), so it can be copied anywhere.
     dutctl task TYPE TARGETS key=value …  any task type
     dutctl history [ID]                   past tasks, newest first, or one task in full
     dutctl selfreg [on|off]               agent self-registration switch
+    dutctl job run (--selector SEL | AGENT…) [--canary N] [--wave N|P%] [--pause S|manual]
+               [--max-failures N|P%] [--offline queue|skip] (--cmd CMD | -- TYPE key=value…)
+    dutctl job list|show ID [--follow]|pause|resume|continue|abort|rerun|buckets|targets
+    dutctl schedule add (--cron EXPR | --at TIME | --every S) …job run's options…
+    dutctl schedule list|rm ID…|enable ID|disable ID
+    dutctl select SELECTOR                which agents a selector matches now
+    dutctl batch [FILE.json]              several submits, stored all or none (stdin without FILE)
     dutctl logout
 
 TARGETS: agent names, a comma list, `group:PREFIX` (agents whose name before the first `-` is PREFIX),
@@ -36,6 +43,8 @@ import http.client
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import ssl
@@ -230,7 +239,10 @@ class Client:
              body: Any = None, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Answer:
         # A submit that may have reached a node is not sent again (it could run twice);
         # every other request is safe to repeat on another node.
-        repeatable = not (method == "POST" and path == "/api/v1/tasks")
+        # (A job, a re-run and a batch are submits too.)
+        repeatable = not (method == "POST" and (
+            path in ("/api/v1/tasks", "/api/v1/jobs", "/api/v1/batches", "/api/v1/schedules")
+            or path.endswith("/rerun")))
         for attempt in range(len(self.urls)):
             last = attempt == len(self.urls) - 1
             url = self.url
@@ -410,6 +422,8 @@ def time_ago(value: Any, now: datetime | None = None) -> str:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
+    # Cells may hold what agents sent (names, messages): never an escape sequence, raw.
+    rows = [[safe(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
@@ -741,24 +755,25 @@ def print_summary(outcomes: list[Outcome], task_type: str) -> None:
         for content, names in sorted(group.sections.items(), key=lambda s: -len(s[1])):
             who = name_list(names) if len(names) == 1 else f"{len(names)} agents: {name_list(names)}"
             print(f"\n=== {group.label} · {who}")
-            sys.stdout.write(content)
+            sys.stdout.write(for_terminal(content))
 
 
 def print_single(outcome: Outcome, task_type: str) -> None:
     """One target: the result itself, as ssh would show it, so `$(dutctl run pc1 -- cmd)` just works."""
     result = outcome.result or {}
     if outcome.exit_code is not None:
-        sys.stdout.write(str(result.get("output") or ""))
+        sys.stdout.write(for_terminal(str(result.get("output") or "")))
         sys.stdout.flush()
-        sys.stderr.write(str(result.get("stderr") or ""))
+        err = str(result.get("stderr") or "")
+        sys.stderr.write(safe(err) if sys.stderr.isatty() else err)
         if result.get("truncated"):
             warn(f"{outcome.target}: output truncated by the agent")
         if outcome.exit_code != 0:
             warn(f"{outcome.target}: command exited with status {outcome.exit_code}")
     elif outcome.outcome == "ok":
-        sys.stdout.write(content_of(outcome, task_type))
+        sys.stdout.write(for_terminal(content_of(outcome, task_type)))
     else:
-        warn(f"{outcome.target}: {label_of(outcome)}: {outcome.msg}")
+        warn(f"{outcome.target}: {label_of(outcome)}: {safe(outcome.msg)}")
 
 
 def run_task(args: argparse.Namespace, target_spec: str, task: dict[str, Any]) -> int:
@@ -1019,7 +1034,7 @@ def print_task(task: dict[str, Any]) -> None:
     if task.get("state") in FINAL_STATES:
         outcome = classify(task, str(task.get("type")))
         print(f"result: {label_of(outcome)}")
-        sys.stdout.write(content_of(outcome, str(task.get("type"))))
+        sys.stdout.write(for_terminal(content_of(outcome, str(task.get("type")))))
 
 
 def cmd_selfreg(args: argparse.Namespace) -> int:
@@ -1404,6 +1419,697 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Fleet jobs, selectors and atomic batches
+# ---------------------------------------------------------------------------------------------
+
+JOB_STATES = ("running", "paused", "done", "aborted")
+JOB_ENDED = frozenset({"done", "aborted"})
+# The order counts are shown in: what ended first, then what is on its way.
+COUNT_ORDER = ("done", "failed", "expired", "cancelled", "skipped", "delivered", "queued",
+               "waiting")
+ENDED_STATES = frozenset({"done", "failed", "expired", "cancelled", "skipped"})
+FOLLOW_INTERVAL_S = 1.0
+WAVES_SHOWN = 12  # more waves than this: the ones far from the current one are summed up
+BUCKET_AGENTS_SHOWN = 6
+COUNT_RE = re.compile(r"^\d+$|^\d+(\.\d+)?%$")
+SELECTOR_AT_RE = re.compile(r"^Invalid selector at character (\d+)")
+# Bidirectional overrides can reorder what a terminal shows; they are shown escaped too.
+_BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_UNSAFE = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f,
+                                       *range(0x80, 0xa0)]}
+_UNSAFE.update({ord(c): f"\\u{ord(c):04x}" for c in _BIDI})
+
+
+def safe(value: Any) -> str:
+    """Text from agents (or anyone) made harmless for a terminal: escape sequences, other
+    control characters and bidi overrides are shown escaped (ESC as \\x1b), never sent raw.
+    Newlines and tabs stay; a Windows line end (CR LF) becomes a newline."""
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text.replace("\r\n", "\n").translate(_UNSAFE)
+
+
+def for_terminal(text: str) -> str:
+    """Agent output as `run` and `history` print it: made safe when stdout is a terminal,
+    unchanged when it goes to a pipe or a file (so `$(dutctl run pc1 -- cat f)` is exact)."""
+    return safe(text) if sys.stdout.isatty() else text
+
+
+def count_value(text: str) -> Any:
+    """`5` -> 5, `20%` -> "20%" (canary, wave, failure budget)."""
+    value = text.strip()
+    if not COUNT_RE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"not a number of agents or a percentage: {text!r} (e.g. 5 or 20%)")
+    return value if value.endswith("%") else int(value)
+
+
+def pause_value(text: str) -> Any:
+    """`manual`, `0`, or a duration (`90`, `30s`, `5m`) -> seconds."""
+    if text.strip().lower() == "manual":
+        return "manual"
+    if text.strip() in ("0", "0s"):
+        return 0
+    return duration(text)
+
+
+def api_call(client: Client, method: str, path: str, timeout_s: float, body: Any = None,
+             query: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A call whose refusals are the user's to hear: 400/404 exit 2, 409 exit 1 (a job in a
+    state that does not allow it), the rest as for any call."""
+    answer = client.send(method, path, body=body, query=query, timeout_s=timeout_s)
+    if 200 <= answer.status < 300 and isinstance(answer.data, dict):
+        return answer.data
+    if 200 <= answer.status < 300:
+        raise client.unexpected(answer, path)
+    raise enroll_failure(client, answer, path)
+
+
+def with_caret(error: CtlError, selector: str) -> CtlError:
+    """The server's "Invalid selector at character N" with the selector and a caret under N."""
+    found = SELECTOR_AT_RE.match(error.msg)
+    if not found or "\n" in selector:
+        return error
+    at = min(int(found.group(1)), len(selector) + 1)
+    return CtlError(f"{error.msg}\n  {safe(selector)}\n  {' ' * (at - 1)}^", error.exit_code)
+
+
+def selector_call(client: Client, method: str, path: str, timeout_s: float, selector: str | None,
+                  **kwargs: Any) -> dict[str, Any]:
+    try:
+        return api_call(client, method, path, timeout_s, **kwargs)
+    except CtlError as e:
+        raise with_caret(e, selector) if selector else e from None
+
+
+def job_of(data: dict[str, Any], client: Client, path: str) -> dict[str, Any]:
+    job = data.get("job")
+    if not isinstance(job, dict) or not isinstance(job.get("id"), int):
+        raise client.unexpected(Answer(200, data, None), path)
+    return job
+
+
+def fetch_job(client: Client, job_id: int, timeout_s: float) -> dict[str, Any]:
+    path = f"/api/v1/jobs/{job_id}"
+    return job_of(api_call(client, "GET", path, timeout_s), client, path)
+
+
+def fetch_buckets(client: Client, job_id: int, timeout_s: float, normalize: bool = True,
+                  digits: bool = False) -> list[dict[str, Any]]:
+    data = api_call(client, "GET", f"/api/v1/jobs/{job_id}/buckets", timeout_s,
+                    query={"normalize": int(normalize), "digits": int(digits)})
+    found = data.get("buckets")
+    return [b for b in found if isinstance(b, dict)] if isinstance(found, list) else []
+
+
+def counts_text(counts: Any) -> str:
+    if not isinstance(counts, dict) or not counts:
+        return "-"
+    keys = [k for k in COUNT_ORDER if k in counts] + sorted(k for k in counts
+                                                             if k not in COUNT_ORDER)
+    return ", ".join(f"{safe(k)} {counts[k]}" for k in keys)
+
+
+def finished_of(counts: Any) -> int:
+    if not isinstance(counts, dict):
+        return 0
+    return sum(int(n) for k, n in counts.items() if k in ENDED_STATES and isinstance(n, int))
+
+
+def bar(done: int, total: int, width: int = 20) -> str:
+    filled = width if total <= 0 else min(width, (done * width) // total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def budget_text(job: dict[str, Any]) -> str:
+    budget = job.get("max_failures")
+    return f"{job.get('failed', 0)} failed" + (" (no budget)" if budget is None
+                                              else f" of a budget of {budget}")
+
+
+def task_words(task: Any) -> str:
+    """execute_cmd: the command; another type: its type and fields."""
+    if not isinstance(task, dict):
+        return "-"
+    kind = safe(task.get("type"))
+    if kind == "execute_cmd" and isinstance(task.get("cmd"), str):
+        return f"execute_cmd: {shorten(safe(task['cmd']), 60)}"
+    rest = {k: v for k, v in task.items() if k != "type"}
+    return kind + (f" {shorten(safe(json.dumps(rest, ensure_ascii=False)), 60)}" if rest else "")
+
+
+def wave_rows(job: dict[str, Any]) -> list[str]:
+    """One line a wave; with many waves, the ones far from the current one in a summed line."""
+    waves = [w for w in job.get("waves") or [] if isinstance(w, dict)]
+    total = len(waves)
+    released = int(job.get("released") or 0)
+    if total <= WAVES_SHOWN:
+        shown = set(range(total))
+    else:
+        shown = {0, total - 1} | set(range(max(0, released - 4), min(total, released + 2)))
+        shown |= {i for i, w in enumerate(waves) if i < released
+                  and finished_of(w.get("counts")) < int(w.get("targets") or 0)}
+    rows: list[str] = []
+    hidden: list[int] = []
+
+    def flush() -> None:
+        if not hidden:
+            return
+        counts: dict[str, int] = {}
+        targets = 0
+        for i in hidden:
+            targets += int(waves[i].get("targets") or 0)
+            for k, n in (waves[i].get("counts") or {}).items():
+                counts[k] = counts.get(k, 0) + int(n)
+        first, last = hidden[0] + 1, hidden[-1] + 1
+        rows.append(f"waves {first}-{last}/{total}  {plural(targets, 'agent')}  "
+                    f"{bar(finished_of(counts), targets)}  {counts_text(counts)}")
+        hidden.clear()
+
+    for i, w in enumerate(waves):
+        if i not in shown:
+            hidden.append(i)
+            continue
+        flush()
+        targets = int(w.get("targets") or 0)
+        rows.append(f"wave {i + 1}/{total}  {plural(targets, 'agent')}  {bar(finished_of(w.get('counts')), targets)}"
+                    f"  {counts_text(w.get('counts'))}")
+    flush()
+    return rows
+
+
+def job_lines(job: dict[str, Any]) -> list[str]:
+    targets = int(job.get("targets") or 0)
+    whom = plural(targets, "agent") + (f" ({safe(job['selector'])})" if job.get("selector") else "")
+    lines = [f"job {job.get('id')}: {task_words(job.get('task'))} to {whom}",
+             f"state: {safe(job.get('state'))}" + (f" - {safe(job['reason'])}"
+                                                    if job.get("reason") else "")]
+    window = job.get("window")
+    if isinstance(window, dict):
+        lines.append("window: " + ("open" + (f" until {local_time(window['closes_at'])}"
+                                              if window.get("closes_at") else "")
+                                   if window.get("open") else
+                                   "closed" + (f", opens at {local_time(window['opens_at'])}"
+                                               if window.get("opens_at") else ", never opens")))
+    lines += wave_rows(job)
+    finished = finished_of(job.get("counts"))
+    line = f"{finished}/{targets} finished, {budget_text(job)}"
+    if job.get("next_wave_at") and job.get("state") == "running":
+        line += f", next wave at {local_time(job.get('next_wave_at'))}"
+    lines.append(line)
+    return lines
+
+
+def job_summary(job: dict[str, Any]) -> str:
+    """One line for a log (stdout not a terminal): printed each time it changes."""
+    waves = job.get("waves") or []
+    return (f"job {job.get('id')} {safe(job.get('state'))}: wave {job.get('released')}/"
+            f"{len(waves)}, {counts_text(job.get('counts'))}; {budget_text(job)}"
+            + (f"; {safe(job['reason'])}" if job.get("reason") else ""))
+
+
+def status_of(bucket: dict[str, Any]) -> str:
+    if bucket.get("error"):
+        return "error"
+    if bucket.get("status_code") is not None:
+        return f"exit {safe(bucket.get('status_code'))}"
+    return "ok" if bucket.get("state") == "done" else safe(bucket.get("state"))
+
+
+def first_line(text: str) -> str:
+    """The first line that says something; a bucket's "[stderr]" marker (its output was only
+    on stderr) goes with the line after it."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "(no output)"
+    if lines[0] == "[stderr]" and len(lines) > 1:
+        return f"[stderr] {lines[1]}"
+    return lines[0]
+
+
+def print_buckets(buckets: list[dict[str, Any]], full: bool = False) -> None:
+    """Largest first: number, count, status, agents (abbreviated), the example's first line
+    (full: the whole example)."""
+    total = sum(int(b.get("count") or 0) for b in buckets)
+    print(f"results: {plural(total, 'agent')} in {plural(len(buckets), 'group')}"
+          + (" (rerun one: dutctl job rerun ID --bucket N)" if len(buckets) > 1 else ""))
+    for b in buckets:
+        agents = [safe(a) for a in b.get("agents") or []]
+        shown = ", ".join(agents[:BUCKET_AGENTS_SHOWN])
+        if len(agents) > BUCKET_AGENTS_SHOWN:
+            shown += f", … (+{len(agents) - BUCKET_AGENTS_SHOWN})"
+        flag = "  FAILED" if b.get("failed") else ""
+        print(f"  #{b.get('bucket')}  {plural(int(b.get('count') or 0), 'agent')}  "
+              f"{status_of(b)}{flag}  {shown}")
+        example = safe(b.get("example"))
+        if full:
+            for line in (example.strip("\n") or "(no output)").split("\n"):
+                print(f"      {line}")
+        else:
+            print(f"      {shorten(first_line(example), 100)}")
+
+
+class JobDisplay:
+    """A job's live state: redrawn in place on a terminal; a line each time it changes
+    otherwise (a log a script can read)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.drawn = 0
+        self.last = ""
+
+    def show(self, job: dict[str, Any]) -> None:
+        if not self.tty:
+            line = job_summary(job)
+            if line != self.last:
+                self.last = line
+                print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+            return
+        width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+        # Cut to the terminal's width: a wrapped line would throw the redraw off.
+        lines = [line if len(line) <= width else line[:width - 1] + "…"
+                 for line in job_lines(job)]
+        # Back to the block's first line and clear it: short lines leave no leftovers.
+        out = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+        sys.stdout.write(out + "\n".join(lines) + "\n")
+        sys.stdout.flush()
+        self.drawn = len(lines)
+
+
+def follow(client: Client, job: dict[str, Any], args: argparse.Namespace,
+           timeout_s: float) -> tuple[dict[str, Any], bool]:
+    """Polls the job until it ends (or pauses, without --follow-paused); (last view,
+    interrupted)."""
+    display = JobDisplay(sys.stdout.isatty() and not args.json)
+    keep_paused = getattr(args, "follow_paused", False)
+    try:
+        while True:
+            if not args.json:
+                display.show(job)
+            state = job.get("state")
+            if state in JOB_ENDED or (state == "paused" and not keep_paused):
+                return job, False
+            time.sleep(FOLLOW_INTERVAL_S)
+            job = fetch_job(client, int(job["id"]), timeout_s)
+    except (KeyboardInterrupt, Interrupted):
+        warn(f"stopped following; job {job.get('id')} goes on "
+             f"(dutctl job show {job.get('id')} --follow)")
+        return job, True
+
+
+def job_outcome(job: dict[str, Any]) -> int:
+    """0 when the job is done with no failure; 1 when it failed somewhere, was aborted or is
+    paused (it needs someone)."""
+    return EXIT_OK if job.get("state") == "done" and not job.get("failed") else EXIT_FAILED
+
+
+def report_job(client: Client, job: dict[str, Any], args: argparse.Namespace,
+               timeout_s: float, followed: bool) -> int:
+    """The end of show/run --follow: the job (unless a terminal shows it already) and its
+    buckets."""
+    buckets = fetch_buckets(client, int(job["id"]), timeout_s)
+    if args.json:
+        emit_json({"error": False, "job": job, "buckets": buckets})
+    else:
+        if not (followed and sys.stdout.isatty()):
+            for line in job_lines(job):
+                print(line)
+        if buckets:
+            print_buckets(buckets)
+    return job_outcome(job) if followed else EXIT_OK
+
+
+def task_of_job_args(args: argparse.Namespace) -> dict[str, Any]:
+    words = args.task_words or []
+    if args.cmd is not None:
+        if words:
+            raise CtlError("give the task as --cmd COMMAND or after -- as TYPE key=value…, not "
+                           "both", EXIT_USAGE)
+        if not args.cmd.strip():
+            raise CtlError("--cmd: the command is empty", EXIT_USAGE)
+        return {"type": "execute_cmd", "cmd": args.cmd}
+    if not words:
+        raise CtlError("which task? dutctl job run … --cmd COMMAND, or … -- TYPE [key=value…]",
+                       EXIT_USAGE)
+    return {"type": words[0], **parse_fields(words[1:])}
+
+
+WINDOW_RE = re.compile(r"^(?:(?P<days>[A-Za-z,-]+)\s+)?(?P<from>\d{1,2}:\d{2})\s*-\s*"
+                       r"(?P<to>\d{1,2}:\d{2})$")
+
+
+def window_value(text: str) -> dict[str, Any]:
+    """`fri 18:00-23:00`, `mon-fri 22:00-02:00`, `sat,sun 00:00-24:00`, `18:00-06:00` (every
+    day) -> a maintenance window as the server takes it (it checks days and times)."""
+    found = WINDOW_RE.match(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(
+            f"not a window: {text!r} (e.g. 'fri 18:00-23:00', 'mon-fri 22:00-02:00', "
+            "'18:00-06:00')")
+    window: dict[str, Any] = {"from": found.group("from"), "to": found.group("to")}
+    if found.group("days"):
+        window["days"] = [d for d in found.group("days").lower().split(",") if d]
+    return window
+
+
+def job_body_of(args: argparse.Namespace, client: Client, timeout_s: float,
+                command: str) -> dict[str, Any]:
+    """A job's body from `job run` / `schedule add` options: the task, the agents (a selector,
+    or names resolved now), the waves, the budget, the windows."""
+    body: dict[str, Any] = {"task": task_of_job_args(args)}
+    if args.selector is not None:
+        if args.agents:
+            raise CtlError("give agents or --selector, not both", EXIT_USAGE)
+        body["selector"] = args.selector
+    elif args.agents:
+        body["targets"] = resolve_targets(",".join(args.agents), fetch_agents(client, timeout_s))
+    else:
+        raise CtlError(f"to which agents? dutctl {command} --selector SELECTOR … or dutctl "
+                       f"{command} AGENT… …", EXIT_USAGE)
+    for key, value in (("canary", args.canary), ("wave", args.wave), ("pause_s", args.pause),
+                       ("max_failures", args.max_failures), ("offline", args.offline)):
+        if value is not None:
+            body[key] = value
+    if args.expires is not None:
+        body["expires_s"] = math.ceil(args.expires)
+    if args.no_nonzero_fails:
+        body["nonzero_fails"] = False
+    return body
+
+
+def windows_of(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    found = list(args.window or []) + [{**w, "exclude": True} for w in args.not_window or []]
+    return found or None
+
+
+def cmd_job_run(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    body = job_body_of(args, client, timeout_s, "job run")
+    if windows_of(args):
+        body["windows"] = windows_of(args)
+    if args.tz:
+        body["tz"] = args.tz
+    data = selector_call(client, "POST", "/api/v1/jobs", timeout_s, args.selector, body=body)
+    job = job_of(data, client, "/api/v1/jobs")
+    return show_created(client, job, args, timeout_s)
+
+
+def show_created(client: Client, job: dict[str, Any], args: argparse.Namespace,
+                 timeout_s: float) -> int:
+    if not args.follow:
+        if args.json:
+            emit_json({"error": False, "job": job})
+        else:
+            waves = len(job.get("waves") or [])
+            print(f"job {job['id']}: {task_words(job.get('task'))} to "
+                  f"{plural(int(job.get('targets') or 0), 'agent')} in {plural(waves, 'wave')}; "
+                  f"follow it with `dutctl job show {job['id']} --follow`")
+        return EXIT_OK
+    if not args.json:
+        print(f"job {job['id']} created")
+    job, interrupted = follow(client, job, args, timeout_s)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return report_job(client, job, args, timeout_s, followed=True)
+
+
+def cmd_job_show(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    job = fetch_job(client, args.id, timeout_s)
+    if args.follow or args.follow_paused:
+        job, interrupted = follow(client, job, args, timeout_s)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return report_job(client, job, args, timeout_s, followed=True)
+    return report_job(client, job, args, timeout_s, followed=False)
+
+
+def cmd_job_list(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    data = api_call(client, "GET", "/api/v1/jobs", args.timeout or DEFAULT_REQUEST_TIMEOUT_S,
+                    query={"state": args.state, "limit": args.limit, "before_id": args.before_id})
+    jobs = [j for j in data.get("jobs") or [] if isinstance(j, dict)]
+    if args.json:
+        emit_json({"error": False, "jobs": jobs})
+        return EXIT_OK
+    if not jobs:
+        print("no jobs" + (f" {args.state}" if args.state else "")
+              + "; start one with `dutctl job run`")
+        return EXIT_OK
+    rows = [[str(j.get("id")), safe(j.get("state")), shorten(task_words(j.get("task")), 40),
+             str(j.get("targets")), str(finished_of(j.get("counts"))), str(j.get("failed")),
+             shorten(safe(j.get("selector") or "-"), 30), safe(j.get("created_by") or "-"),
+             local_time(j.get("created_at"))] for j in jobs]
+    print_table(["ID", "STATE", "TASK", "TARGETS", "FINISHED", "FAILED", "SELECTOR", "BY",
+                 "CREATED"], rows)
+    return EXIT_OK
+
+
+def cmd_job_act(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    path = f"/api/v1/jobs/{args.id}/{args.action}"
+    job = job_of(api_call(client, "POST", path, args.timeout or DEFAULT_REQUEST_TIMEOUT_S),
+                 client, path)
+    if args.json:
+        emit_json({"error": False, "job": job})
+        return EXIT_OK
+    said = {"pause": "paused: nothing more is sent until it is resumed",
+            "resume": "resumed", "continue": "continues despite failures (no budget from now on)",
+            "abort": "aborted: its queued tasks are cancelled, running ones finish"}
+    print(f"job {job['id']} {said[args.action]}")
+    return EXIT_OK
+
+
+def cmd_job_rerun(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    if (args.bucket is None) == (not args.failed):
+        raise CtlError("which agents? --bucket N (see `dutctl job buckets ID`) or --failed",
+                       EXIT_USAGE)
+    body: dict[str, Any] = {"failed": True} if args.failed else {"bucket": args.bucket}
+    path = f"/api/v1/jobs/{args.id}/rerun"
+    job = job_of(api_call(client, "POST", path, timeout_s, body=body), client, path)
+    return show_created(client, job, args, timeout_s)
+
+
+def cmd_job_buckets(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    buckets = fetch_buckets(client, args.id, timeout_s, not args.no_normalize, args.digits)
+    if args.json:
+        emit_json({"error": False, "buckets": buckets})
+    elif not buckets:
+        print(f"job {args.id} has no results yet")
+    else:
+        print_buckets(buckets, full=True)
+    return EXIT_OK
+
+
+def cmd_job_targets(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    data = api_call(client, "GET", f"/api/v1/jobs/{args.id}/targets",
+                    args.timeout or DEFAULT_REQUEST_TIMEOUT_S,
+                    query={"after": args.after, "limit": args.limit})
+    targets = [t for t in data.get("targets") or [] if isinstance(t, dict)]
+    if args.json:
+        emit_json({"error": False, "targets": targets})
+        return EXIT_OK
+    rows = []
+    for t in targets:
+        result = t.get("result") if isinstance(t.get("result"), dict) else None
+        said = ""
+        if result is not None:
+            if result.get("error"):
+                said = "error: " + shorten(safe(result.get("msg")), 50)
+            elif result.get("status_code") is not None:
+                said = f"exit {safe(result.get('status_code'))}: " + shorten(
+                    first_line(safe(result.get("output") or result.get("stderr") or "")), 50)
+            else:
+                said = "ok"
+        rows.append([safe(t.get("agent")), str(t.get("wave")), safe(t.get("state")),
+                     str(t.get("task_id") or "-"), said])
+    print_table(["AGENT", "WAVE", "STATE", "TASK", "RESULT"], rows)
+    if args.limit and len(targets) == args.limit:
+        warn(f"more: dutctl job targets {args.id} --after {safe(targets[-1].get('agent'))}")
+    return EXIT_OK
+
+
+def when_text(schedule: dict[str, Any]) -> str:
+    kind = schedule.get("kind")
+    if kind == "cron":
+        return f"cron {safe(schedule.get('cron'))}"
+    if kind == "once":
+        return f"once at {local_time(schedule.get('at'))}"
+    every = schedule.get("every_s")
+    return f"every {every:g} s" if isinstance(every, (int, float)) else safe(kind)
+
+
+def targets_text(job: Any) -> str:
+    if not isinstance(job, dict):
+        return "-"
+    if job.get("selector"):
+        return safe(job["selector"])
+    names = job.get("targets") if isinstance(job.get("targets"), list) else []
+    return shorten(",".join(safe(n) for n in names), 30) or "-"
+
+
+def schedule_of(data: dict[str, Any], client: Client, path: str) -> dict[str, Any]:
+    found = data.get("schedule")
+    if not isinstance(found, dict) or not isinstance(found.get("id"), int):
+        raise client.unexpected(Answer(200, data, None), path)
+    return found
+
+
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    if args.cron is None and args.at is None and args.every is None:
+        raise CtlError("when? --cron '0 18 * * fri', --at 2026-05-01T18:00 or --every 1h",
+                       EXIT_USAGE)
+    body: dict[str, Any] = {"job": job_body_of(args, client, timeout_s, "schedule add")}
+    if args.cron is not None:
+        body["cron"] = args.cron
+    elif args.at is not None:
+        body["at"] = args.at
+    else:
+        body["every_s"] = args.every
+    for key, value in (("name", args.name), ("tz", args.tz), ("windows", windows_of(args))):
+        if value:
+            body[key] = value
+    if args.disabled:
+        body["enabled"] = False
+    data = selector_call(client, "POST", "/api/v1/schedules", timeout_s, args.selector,
+                         body=body)
+    schedule = schedule_of(data, client, "/api/v1/schedules")
+    if args.json:
+        emit_json({"error": False, "schedule": schedule})
+        return EXIT_OK
+    nxt = schedule.get("next_run_at")
+    print(f"schedule {schedule['id']}: {task_words(body['job']['task'])} to "
+          f"{targets_text(body['job'])}, {when_text(schedule)} ({safe(schedule.get('tz'))}); "
+          + (f"next run at {local_time(nxt)}" if nxt else "switched off"))
+    return EXIT_OK
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    data = api_call(client, "GET", "/api/v1/schedules", args.timeout or DEFAULT_REQUEST_TIMEOUT_S)
+    schedules = [x for x in data.get("schedules") or [] if isinstance(x, dict)]
+    if args.json:
+        emit_json({"error": False, "schedules": schedules})
+        return EXIT_OK
+    if not schedules:
+        print("no schedules; make one with `dutctl schedule add`")
+        return EXIT_OK
+    rows = []
+    for x in schedules:
+        job = x.get("job") if isinstance(x.get("job"), dict) else {}
+        last = local_time(x.get("last_run_at")) + (f" (job {x['last_job_id']})"
+                                                   if x.get("last_job_id") else "")
+        rows.append([str(x.get("id")), shorten(safe(x.get("name") or "-"), 24),
+                     when_text(x), safe(x.get("tz")),
+                     local_time(x.get("next_run_at")) if x.get("enabled") else "off",
+                     last, f"{x.get('runs', 0)}/{x.get('skipped', 0)}",
+                     shorten(task_words(job.get("task")), 30), targets_text(job)])
+    print_table(["ID", "NAME", "WHEN", "TZ", "NEXT RUN", "LAST RUN", "RUNS/SKIPPED", "TASK",
+                 "AGENTS"], rows)
+    for x in schedules:
+        if x.get("last_error"):
+            warn(f"schedule {x.get('id')}: last run skipped at {local_time(x.get('last_skip_at'))}:"
+                 f" {safe(x['last_error'])}")
+    return EXIT_OK
+
+
+def cmd_schedule_rm(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    timeout_s = args.timeout or DEFAULT_REQUEST_TIMEOUT_S
+    results: list[dict[str, Any]] = []
+    for the_id in dict.fromkeys(args.ids):
+        try:
+            api_call(client, "DELETE", f"/api/v1/schedules/{the_id}", timeout_s)
+        except CtlError as e:
+            if e.exit_code not in (EXIT_USAGE, EXIT_FAILED):
+                raise
+            warn(f"cannot delete schedule {the_id}: {e.msg}")
+            results.append({"id": the_id, "ok": False, "msg": e.msg})
+            continue
+        results.append({"id": the_id, "ok": True})
+        if not args.json:
+            print(f"schedule {the_id} deleted: it never runs again (its jobs stay)")
+    ok = all(r["ok"] for r in results)
+    if args.json:
+        emit_json({"error": False, "ok": ok, "results": results})
+    return EXIT_OK if ok else EXIT_USAGE
+
+
+def cmd_schedule_switch(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    path = f"/api/v1/schedules/{args.id}/{args.action}"
+    schedule = schedule_of(api_call(client, "POST", path,
+                                    args.timeout or DEFAULT_REQUEST_TIMEOUT_S), client, path)
+    if args.json:
+        emit_json({"error": False, "schedule": schedule})
+    elif args.action == "enable":
+        print(f"schedule {args.id} enabled; next run at {local_time(schedule.get('next_run_at'))}")
+    else:
+        print(f"schedule {args.id} disabled")
+    return EXIT_OK
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    client = session_client(args)
+    selector = " ".join(args.selector)
+    data = selector_call(client, "GET", "/api/v1/selector", args.timeout or DEFAULT_REQUEST_TIMEOUT_S,
+                         selector, query={"selector": selector, "type": args.type})
+    agents = [str(a) for a in data.get("agents") or []]
+    if args.json:
+        emit_json({"error": False, "selector": selector, "agents": agents, "count": len(agents)})
+        return EXIT_OK
+    for name in agents:
+        print(safe(name))
+    warn(f"{plural(len(agents), 'agent')} match {safe(selector)}")
+    return EXIT_OK
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    source = args.file or "-"
+    try:
+        raw = sys.stdin.read() if source == "-" else Path(source).expanduser().read_text(
+            encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CtlError(f"cannot read {source}: {getattr(e, 'strerror', None) or e}",
+                       EXIT_USAGE) from e
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise CtlError(f"{'stdin' if source == '-' else source} is not JSON: {e}",
+                       EXIT_USAGE) from e
+    submits = doc.get("submits") if isinstance(doc, dict) else doc
+    if not isinstance(submits, list) or not submits:
+        raise CtlError('expected {"submits": [{"targets": [...], "task": {...}}, ...]} or the '
+                       "list alone", EXIT_USAGE)
+    client = session_client(args)
+    data = api_call(client, "POST", "/api/v1/batches", args.timeout or DEFAULT_REQUEST_TIMEOUT_S,
+                    body={"submits": submits})
+    parts = data.get("submits")
+    if not isinstance(parts, list):
+        raise client.unexpected(Answer(202, data, None), "/api/v1/batches")
+    if args.json:
+        emit_json({"error": False, "submits": parts})
+        return EXIT_OK
+    rows = []
+    for number, (part, sent) in enumerate(zip(parts, submits), 1):
+        kind = sent.get("task", {}).get("type") if isinstance(sent, dict) else None
+        for t in part.get("tasks") or []:
+            rows.append([str(number), str(t.get("id")), safe(t.get("target")), safe(kind)])
+    print_table(["SUBMIT", "TASK", "TARGET", "TYPE"], rows)
+    warn(f"stored {plural(len(parts), 'submit')} ({plural(len(rows), 'task')}) at once; "
+         "follow them with `dutctl history`")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -1566,31 +2272,190 @@ def build_parser() -> ArgParser:
 
     p = add("selfreg", cmd_selfreg, "show or switch agent self-registration")
     p.add_argument("state", nargs="?", choices=["on", "off"])
+
+    p = add("job", cmd_job_list, "fleet jobs: one task to many agents, in waves with a failure "
+            "budget", usage="dutctl job [options] [run|list|show|pause|resume|continue|abort|"
+            "rerun|buckets|targets] …")
+    job_actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgParser,
+                                   prog="dutctl job")
+
+    def job_action(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+                   **kwargs: Any) -> ArgParser:
+        q = job_actions.add_parser(name, parents=[common], help=help_text,
+                                   description=help_text, **kwargs)
+        q.set_defaults(handler=handler)
+        return q
+
+    def add_job_options(q: ArgParser) -> None:
+        q.add_argument("agents", nargs="*", metavar="AGENT", help=argparse.SUPPRESS)
+        q.add_argument("--selector", "-l", metavar="SELECTOR",
+                       help="the agents a selector matches (see `dutctl select`)")
+        q.add_argument("--cmd", metavar="COMMAND", help="run this shell command (execute_cmd)")
+        q.add_argument("--canary", type=count_value, metavar="N|P%",
+                       help="a first wave of this many agents")
+        q.add_argument("--wave", type=count_value, metavar="N|P%",
+                       help="then waves of this many agents (default: all the rest at once)")
+        q.add_argument("--pause", type=pause_value, metavar="S|manual",
+                       help="between waves: wait S seconds (30, 5m), or `manual`: pause until "
+                            "`dutctl job resume`")
+        q.add_argument("--max-failures", type=count_value, metavar="N|P%",
+                       help="failure budget: more failures than this pause the job before the "
+                            "next wave")
+        q.add_argument("--offline", choices=["queue", "skip"],
+                       help="agents offline when their wave goes: queue (wait for them; "
+                            "default) or skip")
+        q.add_argument("--expires", type=duration, metavar="S",
+                       help="each task's deadline (seconds, or 30m, 12h, 1d; default: the "
+                            "server's)")
+        q.add_argument("--no-nonzero-fails", action="store_true",
+                       help="a non-zero exit status does not count as a failure")
+        q.add_argument("--window", type=window_value, action="append", metavar="SPAN",
+                       help="a maintenance window: tasks are delivered only inside it, e.g. "
+                            "'fri 18:00-23:00', 'mon-fri 22:00-02:00' (repeatable)")
+        q.add_argument("--not-window", type=window_value, action="append", metavar="SPAN",
+                       help="a span when nothing is delivered, even inside a window "
+                            "(repeatable)")
+        q.add_argument("--tz", metavar="ZONE",
+                       help="the time zone of the windows (and of a schedule), e.g. "
+                            "Europe/Paris (default: the server's)")
+
+    def add_follow_options(q: ArgParser) -> None:
+        q.add_argument("--follow", "-f", action="store_true",
+                       help="show the job live until it is done, aborted or paused")
+        q.add_argument("--follow-paused", action="store_true",
+                       help="with --follow: keep following while the job is paused (until "
+                            "someone resumes or aborts it)")
+
+    q = job_action("run", cmd_job_run, "start a job: a task to agents or a selector's agents",
+                   usage="dutctl job run [options] (--selector SELECTOR | AGENT…) "
+                         "(--cmd COMMAND | -- TYPE [key=value …])",
+                   epilog="AGENT: names, comma lists, group:PREFIX, all (as for run). N|P%: a "
+                          "number of agents or a percentage (20%). Values after TYPE are JSON "
+                          "when they parse as JSON, else text; key=@FILE takes a file's text.")
+    add_job_options(q)
+    add_follow_options(q)
+    job_action("list", cmd_job_list, "jobs, newest first")
+    for q in (p, job_actions.choices["list"]):
+        q.add_argument("--state", choices=list(JOB_STATES))
+        q.add_argument("--limit", type=positive_int, default=20, metavar="N",
+                       help="at most N jobs (default 20)")
+        q.add_argument("--before-id", type=int, metavar="ID", help="page: only jobs older than ID")
+    q = job_action("show", cmd_job_show, "a job: its state, waves, failures and result buckets")
+    q.add_argument("id", type=int, metavar="ID")
+    add_follow_options(q)
+    for name, text in (("pause", "pause a running job: nothing more is sent until it is "
+                        "resumed"),
+                       ("resume", "resume a paused job"),
+                       ("continue", "resume a job its failure budget paused, with no budget "
+                        "from now on"),
+                       ("abort", "abort a job: its queued tasks are cancelled")):
+        q = job_action(name, cmd_job_act, text)
+        q.add_argument("id", type=int, metavar="ID")
+    q = job_action("rerun", cmd_job_rerun, "a new job with the same task, to one bucket's "
+                   "agents or to the failed ones")
+    q.add_argument("id", type=int, metavar="ID")
+    q.add_argument("--bucket", type=int, metavar="N", help="the agents of bucket N "
+                   "(see `dutctl job buckets ID`; 0 is the largest)")
+    q.add_argument("--failed", action="store_true", help="the agents whose task failed")
+    add_follow_options(q)
+    q = job_action("buckets", cmd_job_buckets, "a job's results grouped by what they said, "
+                   "largest first")
+    q.add_argument("id", type=int, metavar="ID")
+    q.add_argument("--digits", action="store_true",
+                   help="results that differ only in numbers are one bucket")
+    q.add_argument("--no-normalize", action="store_true",
+                   help="trailing whitespace counts (it is ignored by default)")
+    q = job_action("targets", cmd_job_targets, "a job's agents with their wave, state and "
+                   "result, by name")
+    q.add_argument("id", type=int, metavar="ID")
+    q.add_argument("--after", metavar="NAME", help="page: the agents after NAME")
+    q.add_argument("--limit", type=positive_int, default=200, metavar="N",
+                   help="at most N agents (default 200)")
+
+    p = add("schedule", cmd_schedule_list, "schedules: a job made at cron times, once, or "
+            "every N seconds", usage="dutctl schedule [options] [add|list|rm|enable|disable] …")
+    schedule_actions = p.add_subparsers(dest="action", metavar="ACTION",
+                                        parser_class=ArgParser, prog="dutctl schedule")
+
+    def schedule_action(name: str, handler: Callable[[argparse.Namespace], int],
+                        help_text: str, **kwargs: Any) -> ArgParser:
+        q = schedule_actions.add_parser(name, parents=[common], help=help_text,
+                                        description=help_text, **kwargs)
+        q.set_defaults(handler=handler)
+        return q
+
+    q = schedule_action(
+        "add", cmd_schedule_add, "make a schedule: each run starts a job (a selector is "
+        "resolved at each run)",
+        usage="dutctl schedule add [options] (--cron EXPR | --at TIME | --every S) "
+              "(--selector SELECTOR | AGENT…) (--cmd COMMAND | -- TYPE [key=value …])",
+        epilog="EXPR: five cron fields, e.g. '0 18 * * fri', or @daily, @hourly …; TIME: ISO "
+               "8601, e.g. 2026-05-01T18:00 (in --tz without an offset). A run is skipped "
+               "while the job of the previous one still runs.")
+    when = q.add_mutually_exclusive_group()
+    when.add_argument("--cron", metavar="EXPR", help="at these times (cron)")
+    when.add_argument("--at", metavar="TIME", help="once, at this time")
+    when.add_argument("--every", type=duration, metavar="S",
+                      help="every S seconds (or 30m, 12h, 1d)")
+    q.add_argument("--name", metavar="TEXT", help="what it is for")
+    q.add_argument("--disabled", action="store_true", help="made switched off")
+    add_job_options(q)
+    schedule_action("list", cmd_schedule_list, "schedules, newest first, with their next and "
+                    "last runs")
+    q = schedule_action("rm", cmd_schedule_rm, "delete schedules: they never run again (their "
+                        "jobs stay)")
+    q.add_argument("ids", nargs="+", type=int, metavar="ID")
+    for name, text in (("enable", "switch a schedule on, from its next time after now"),
+                       ("disable", "switch a schedule off (its running job goes on)")):
+        q = schedule_action(name, cmd_schedule_switch, text)
+        q.add_argument("id", type=int, metavar="ID")
+
+    p = add("select", cmd_select, "which agents a selector matches now (one name a line)",
+            usage="dutctl select [options] SELECTOR",
+            epilog="e.g. dutctl select 'room=204,os=windows'; see docs/dutctl.md for the "
+                   "grammar.")
+    p.add_argument("selector", nargs="+", metavar="SELECTOR")
+    p.add_argument("--type", metavar="TYPE",
+                   help="leave out agents that do not run this task type")
+
+    p = add("batch", cmd_batch, "submit several tasks at once, all stored or none",
+            usage="dutctl batch [options] [FILE.json | -]",
+            epilog='FILE: {"submits": [{"targets": [...], "task": {"type": ...}, '
+                   '"expires_s": S}, ...]} (or the list alone); - or nothing reads stdin.')
+    p.add_argument("file", nargs="?", metavar="FILE")
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     command_words = None
-    # Everything after the first `--` of `run` is the command, even words that look like options.
+    task_words = None
+    # Everything after the first `--` of `run` is the command, even words that look like
+    # options; after that of `job run`, the task (TYPE key=value…).
     if "--" in argv:
         cut = argv.index("--")
         head, _ = parser.parse_known_args(argv[:cut])
         if head.command == "run":
             argv, command_words = argv[:cut], argv[cut + 1:]
+        elif (head.command, getattr(head, "action", None)) in (("job", "run"),
+                                                                ("schedule", "add")):
+            argv, task_words = argv[:cut], argv[cut + 1:]
     args, extra = parser.parse_known_args(argv)
     # argparse takes no more positionals once an option followed the first ones
     # (`task ping pc1 --no-wait n=5`), so such leftovers go to the command's trailing list.
-    trailing = {"run": "words", "task": "fields"}.get(args.command)
+    trailing = {"run": "words", "task": "fields", "select": "selector"}.get(args.command)
     if args.command == "agents":
         trailing = {"accept": "requests", "reject": "requests", "revoke": "names",
                     "rekey": "names", "label": "pairs"}.get(str(getattr(args, "action", None)))
+    if args.command in ("job", "schedule"):
+        trailing = "agents" if getattr(args, "action", None) in ("run", "add") else None
     stray = [word for word in extra if trailing is None or word.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if trailing:
         getattr(args, trailing).extend(extra)
     args.command_words = command_words
+    args.task_words = task_words
     return finish_args(args)
 
 

@@ -156,7 +156,7 @@ def test_an_old_database_gets_the_look_ups_of_its_tasks(tmp_path: Path) -> None:
 
 async def test_history_still_answers_when_the_look_ups_cannot_be_written(
         db: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def disk_full(conn: sqlite3.Connection, restated: object = ()) -> None:
+    def disk_full(conn: sqlite3.Connection, restated: object = (), late: object = ()) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     for task in _tasks(1, 3):
@@ -262,11 +262,11 @@ async def test_a_change_whose_pass_failed_is_in_the_next_pass(
     db.save_task(tasks[1])
     real, failures = store.tasks_index, []
 
-    def fail_once(conn: sqlite3.Connection, restated: list[int]) -> None:
+    def fail_once(conn: sqlite3.Connection, restated: list[int], late: list[int]) -> None:
         if len(failures) < 2:  # the pass fails in its batch and again on its own
             failures.append(restated)
             raise sqlite3.OperationalError("disk I/O error")
-        real(conn, restated)
+        real(conn, restated, late)
 
     monkeypatch.setattr(db, "index_pass", fail_once)
     db.index_tasks_soon()  # the periodic pass, holding task 2's change
@@ -285,3 +285,16 @@ async def test_a_task_recorded_by_the_fallback_is_listed_once_under_its_state(db
     await db.barrier()
     assert await db.read(lambda conn: conn.execute(
         "SELECT state, id FROM tasks_by_state").fetchall()) == [("queued", 1)]
+
+
+async def test_a_task_inserted_below_the_indexed_ones_is_found_by_the_history(db: Store) -> None:
+    """A job's wave takes ids recorded before later tasks were inserted: a task with a lower
+    id than those already indexed still gets its look-ups (found under every filter)."""
+    for task in _tasks(5, 6):
+        db.save_task(task)
+    await db.index_tasks()
+    late = _tasks(2, 1)[0]
+    db.save_task(late)
+    await db.index_tasks()
+    assert 2 in await by(db, target=late.agent)
+    assert 2 in await by(db, state="queued")

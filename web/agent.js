@@ -6,6 +6,7 @@ import * as api from "./api.js";
 import { commandPanel } from "./command.js";
 import { busy, errorBox, h, setChildren, setText } from "./dom.js";
 import { confirmDialog } from "./dialog.js";
+import { parseLabels } from "./enroll.js";
 import { ago, dateTime, text } from "./format.js";
 import { filesPanel } from "./files.js";
 import { inventoryPanel } from "./inventory.js";
@@ -39,6 +40,16 @@ export function agentView(container, { name, tab }) {
   const notice = h("p", { class: "notice", role: "status", hidden: true });
   const profile = h("div", { class: "agent-profile" });
   let profileShown = null;
+  const labelsError = errorBox();
+  const labelsInput = h("textarea", { rows: "3", spellcheck: "false", autocomplete: "off",
+    "aria-label": "Labels", "aria-describedby": "labels-edit-help", placeholder: "room=204\nrole=build" });
+  const labelsSave = h("button", { type: "submit", class: "primary small", text: "Save labels" });
+  const labelsCancel = h("button", { type: "button", class: "small", text: "Cancel" });
+  const labelsForm = h("form", { class: "labels-form", hidden: true },
+    labelsInput,
+    h("small", { id: "labels-edit-help", class: "muted",
+      text: "name=value, one a line or separated by commas; selectors pick agents by them" }),
+    h("div", { class: "actions" }, labelsSave, labelsCancel), labelsError.el);
   const panels = new Map();
   const tabButtons = new Map();
   const tablist = h("div", { class: "tabs", role: "tablist", "aria-label": `Views of ${name}` });
@@ -49,7 +60,44 @@ export function agentView(container, { name, tab }) {
     h("nav", { class: "crumbs", "aria-label": "Breadcrumb" },
       h("a", { href: "#/", text: "Agents" }), " / ", h("span", { text: name })),
     h("div", { class: "page-head" }, h("h1", { text: name }), state, revokedBadge, facts, actions),
-    profile, error.el, notice, tablist, panelHost));
+    profile, labelsForm, error.el, notice, tablist, panelHost));
+
+  labelsCancel.addEventListener("click", () => {
+    labelsForm.hidden = true;
+    labelsError.clear();
+  });
+  labelsForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    labelsError.clear();
+    let labels;
+    try {
+      labels = parseLabels(labelsInput.value);
+    } catch (err) {
+      labelsError.show(err.message);
+      labelsInput.focus();
+      return;
+    }
+    busy(labelsSave, "Saving…", async () => {
+      try {
+        await api.setAgentLabels(name, labels);
+      } catch (err) {
+        if (!(err instanceof api.SessionExpired)) labelsError.show(`Cannot save the labels: ${err.message}`);
+        return;
+      }
+      labelsForm.hidden = true;
+      notice.textContent = `Labels of ${name} saved.`;
+      notice.hidden = false;
+      await loadAgent();
+    });
+  });
+
+  function editLabels() {
+    const labels = agent && agent.labels && typeof agent.labels === "object" ? agent.labels : {};
+    labelsInput.value = Object.entries(labels).map(([k, v]) => `${k}=${text(v)}`).join("\n");
+    labelsError.clear();
+    labelsForm.hidden = false;
+    labelsInput.focus();
+  }
 
   rekeyButton.addEventListener("click", async () => {
     const ok = await confirmDialog(`Re-key ${name}?`,
@@ -212,9 +260,12 @@ export function agentView(container, { name, tab }) {
         capabilities.length ? h("ul", { class: "chips", "aria-label": "Task types it runs" },
           capabilities.map((c) => h("li", { text: c })))
           : h("span", { text: "no task types" })) : null,
-      labels.length ? h("div", { class: "profile-line" }, h("span", { class: "muted", text: "Labels" }),
-        h("ul", { class: "chips", "aria-label": "Labels" },
-          labels.map(([k, v]) => h("li", { text: `${k}=${text(v)}` })))) : null);
+      h("div", { class: "profile-line" }, h("span", { class: "muted", text: "Labels" }),
+        labels.length ? h("ul", { class: "chips", "aria-label": "Labels" },
+          labels.map(([k, v]) => h("li", { text: `${k}=${text(v)}` })))
+          : h("span", { class: "muted", text: "none" }),
+        h("button", { type: "button", class: "small", text: "Edit labels",
+          onclick: editLabels })));
   }
 
   return () => {

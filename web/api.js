@@ -206,3 +206,35 @@ export const revokeEnrollToken = (id) =>
   request("DELETE", `/api/v1/enrollment-tokens/${enc(id)}`);
 export const revokeAgent = (name) => request("POST", `/api/v1/agents/${enc(name)}/revoke`);
 export const rekeyAgent = (name) => request("POST", `/api/v1/agents/${enc(name)}/rekey`);
+export const setAgentLabels = (name, labels) =>
+  request("PUT", `/api/v1/agents/${enc(name)}/labels`, { body: { labels } });
+
+// --- fleet jobs -------------------------------------------------------------------------
+
+/** Jobs, newest first; filters: state, before_id, limit. */
+export const listJobs = (filters = {}) =>
+  request("GET", `/api/v1/jobs${query(filters)}`, { withDate: true });
+export const getJob = (id) => request("GET", `/api/v1/jobs/${enc(id)}`, { withDate: true });
+/** { task, targets | selector, offline, expires_s, canary, wave, pause_s, max_failures, nonzero_fails } */
+export const createJob = (body) => request("POST", "/api/v1/jobs", { body });
+/** One page of a job's targets, by agent name: after the name given. */
+export const jobTargets = (id, after, limit) =>
+  request("GET", `/api/v1/jobs/${enc(id)}/targets${query({ after, limit })}`);
+export const jobBuckets = (id, { normalize = true, digits = false } = {}) =>
+  request("GET", `/api/v1/jobs/${enc(id)}/buckets${query({
+    normalize: normalize ? 1 : 0, digits: digits ? 1 : 0 })}`);
+/** action: pause, resume, continue or abort (409 when the job's state does not allow it). */
+export const jobAction = (id, action) => request("POST", `/api/v1/jobs/${enc(id)}/${action}`);
+/** body: { bucket: N } or { failed: true } → a new job. */
+export const rerunJob = (id, body) => request("POST", `/api/v1/jobs/${enc(id)}/rerun`, { body });
+/** The agents a selector matches now ({agents, count}); 400 with where it is malformed. */
+export const previewSelector = (selector, type, signal) =>
+  request("GET", `/api/v1/selector${query({ selector, type })}`, { signal });
+
+// --- schedules --------------------------------------------------------------------------
+
+export const listSchedules = () => request("GET", "/api/v1/schedules", { withDate: true });
+/** action: enable or disable (409 when it is so already). */
+export const switchSchedule = (id, action) =>
+  request("POST", `/api/v1/schedules/${enc(id)}/${action}`);
+export const deleteSchedule = (id) => request("DELETE", `/api/v1/schedules/${enc(id)}`);

@@ -8,6 +8,7 @@ import { broadcastView } from "./broadcast.js";
 import { dashboardView } from "./dashboard.js";
 import { busy, errorBox, h } from "./dom.js";
 import { enrollView, pendingBadge } from "./enroll.js";
+import { jobsView } from "./jobs.js";
 import { selection } from "./selection.js";
 
 const main = document.getElementById("view");
@@ -59,6 +60,12 @@ function route() {
   else if (page === "broadcast") mount("Run on many agents", broadcastView);
   else if (page === "admin") mount("Administration", adminView, { section: rest[0] });
   else if (page === "enroll") mount("Enrollment", enrollView, { section: rest[0] });
+  else if (page === "jobs") {
+    const id = rest[0];
+    const title = id === undefined ? "Jobs" : id === "new" ? "New job"
+      : id === "schedules" ? "Schedules" : `Job #${id}`;
+    mount(title, jobsView, { id });
+  }
   else {
     document.title = "Not found — dutserver";
     main.append(h("section", { class: "not-found" },
@@ -100,6 +107,7 @@ function renderTopbar(page) {
     h("nav", { "aria-label": "Main" },
       link("#/", "Agents", page === "" || page === "agent"),
       link("#/broadcast", "Run on many", page === "broadcast"),
+      link("#/jobs", "Jobs", page === "jobs"),
       enrollLink,
       link("#/admin", "Admin", page === "admin")),
     h("span", { class: "user", title: "Logged in as", text: api.session.user }),

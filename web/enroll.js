@@ -152,7 +152,7 @@ export function enrollView(container, { section }) {
  * Runs load() now and every ms while the page is visible; now() runs it at once (after an
  * action). A load that was overtaken by a newer one must not draw (see latest()).
  */
-function poller(load, ms) {
+export function poller(load, ms) {
   let timer = 0;
   let stopped = false;
   let seq = 0;
