@@ -18,7 +18,7 @@ from dutserver.core.clock import Clock
 from dutserver.core.services import build_services
 from dutserver.http.asgi import build_asgi, fixed_endpoints
 from dutserver.http.openapi import build_openapi
-from dutserver.routes import api, classic, enroll, jobs, ops, rdfm
+from dutserver.routes import api, classic, enroll, jobs, ops, rdfm, schedules
 from dutserver.store import create_store
 
 log = logging.getLogger("dutserver")
@@ -28,7 +28,8 @@ def create_app(settings: Settings) -> Starlette:
     # Other systems' agent protocols are served only when switched on: off, their paths are
     # nobody's (404, like any unknown path).
     devices = rdfm.routes() if settings.rdfm_devices else []
-    routes = [*classic.routes(), *api.routes(), *enroll.routes(), *jobs.routes(), *devices,
+    routes = [*classic.routes(), *api.routes(), *enroll.routes(), *jobs.routes(),
+              *schedules.routes(), *devices,
               *ops.routes()]
     openapi = build_openapi(routes)
     endpoints = fixed_endpoints(routes)
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> Starlette:
             (settings.accounts_refresh_s, services.refresh),
             (settings.sweep_interval_s, _async(services.sweep)),
             (settings.sweep_interval_s, services.jobs.sweep),
+            (settings.sweep_interval_s, services.schedules.run_due),  # a missed slot: the first sweep
             *store.periodic(),
         ]
         if notifier.fleet:  # several nodes on one database (core/sharing.py)

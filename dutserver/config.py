@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,11 @@ class Settings:
         default=False, metadata={"help": "serve RDFM devices (their routes answer 404 when off)"})
     rdfm_token_s: float = field(
         default=300.0, metadata={"help": "lifetime of an RDFM device token (at least 30 s)"})
+    timezone: str = field(
+        default="", metadata={"help": "IANA time zone of schedules and maintenance windows that "
+                                      "name none [default: this machine's, else UTC]"})
+    schedule_min_interval_s: float = field(
+        default=60.0, metadata={"help": "shortest interval of a schedule's every_s"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
     access_log: bool = field(default=False, metadata={"help": "log every request"})
 
@@ -100,6 +106,13 @@ class Settings:
         return self.key_path.with_name(self.key_path.name + ".rdfm")
 
     @property
+    def zone(self) -> str:
+        """The time zone of schedules and windows that name none: the setting, else the
+        machine's (its IANA name), else UTC. Each schedule and job stores the zone it got, so
+        nodes on machines in other zones agree."""
+        return self.timezone or local_zone_name()
+
+    @property
     def database(self) -> str:
         """The database for messages: the SQLite file, or the URL without its password."""
         return redact_url(self.db_url) if self.db_url else str(self.db_path)
@@ -112,6 +125,34 @@ _PATHS = frozenset({"db_path", "tls_cert", "tls_key", "key_file"})
 def redact_url(url: str) -> str:
     """A database URL without its password, for log lines and error messages."""
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def local_zone_name() -> str:
+    """This machine's time zone as an IANA name (TZ, else where /etc/localtime points, else
+    /etc/timezone), or UTC when it has none by name."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        candidates.append(os.path.realpath("/etc/localtime"))
+    except OSError:
+        pass
+    try:
+        with open("/etc/timezone", encoding="utf-8") as f:
+            candidates.append(f.read().strip())
+    except OSError:
+        pass
+    for text in candidates:
+        name = text.split("zoneinfo/", 1)[-1].removeprefix("posix/")
+        if name and not name.startswith("/") and _is_zone(name):
+            return name
+    return "UTC"
+
+
+def _is_zone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -179,6 +220,11 @@ def _check(s: Settings) -> None:
         raise ValueError("rdfm_token_s must be at least 30 s (RDFM clients renew 5 s early)")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
+    if s.timezone and not _is_zone(s.timezone):
+        raise ValueError(f"timezone: unknown time zone {s.timezone!r} (an IANA name like "
+                         "Europe/Paris or UTC)")
+    if s.schedule_min_interval_s <= 0:
+        raise ValueError("schedule_min_interval_s must be positive")
     if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ValueError("sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA")
 

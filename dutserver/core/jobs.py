@@ -16,19 +16,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from dutserver.config import Settings
-from dutserver.core import buckets, selectors
+from dutserver.core import buckets, selectors, windows
 from dutserver.core.clock import Clock
 from dutserver.core.credentials import REVOKED
 from dutserver.core.errors import ApiError
+from dutserver.core.job_body import check, count, job_view, plan_waves
 from dutserver.core.model import FINAL_STATES, JobRecord, Task
 from dutserver.core.ports import Store
 from dutserver.core.tasks import Tasks
-from dutserver.core.views import iso
 
 log = logging.getLogger("dutserver.jobs")
 
@@ -51,88 +50,37 @@ class JobWaiter:
         self.jobs.look_at(self.job_id)
 
 
-def _count(value: object, total: int, what: str, allow_zero: bool = True) -> int:
-    """A number of agents, or "P%" of total (rounded up, at least 1 when P > 0)."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            pct = float(value.strip()[:-1])
-        except ValueError:
-            pct = -1.0
-        if not 0 <= pct <= 100:
-            raise ApiError(400, f"{what}: a percentage from 0 to 100, or a number of agents")
-        return min(total, math.ceil(total * pct / 100)) if pct else 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ApiError(400, f"{what}: a number of agents, or a percentage like \"20%\"")
-    return value
-
-
-def plan_waves(targets: list[str], canary: object, wave: object) -> list[list[str]]:
-    """The targets cut in waves: the canary first, then waves of `wave` (a number or a % of
-    the rest). Refuses waves larger than the fleet."""
-    first = _count(canary or 0, len(targets), "canary")
-    if first > len(targets):
-        raise ApiError(400, f"canary of {first} is larger than the {len(targets)} targets")
-    rest = targets[first:]
-    size = _count(wave, len(rest), "wave", allow_zero=False) if wave is not None else len(rest)
-    if size > len(rest) and rest and wave is not None and not str(wave).endswith("%"):
-        raise ApiError(400, f"wave of {size} is larger than the {len(rest)} targets after the "
-                            "canary")
-    plan = [targets[:first]] if first else []
-    size = max(1, size)
-    plan += [rest[i:i + size] for i in range(0, len(rest), size)]
-    return plan
-
-
 class Jobs:
     def __init__(self, settings: Settings, store: Store, clock: Clock, tasks: Tasks) -> None:
         self.s = settings
         self.store = store
         self.clock = clock
         self.tasks = tasks
+        self.zone = settings.zone  # of windows that name none
         self._looking: dict[int, bool] = {}  # job id -> looked at again when the look ends
 
     # --- making one --------------------------------------------------------------------------
 
     async def create(self, body: dict[str, Any], actor: str, address: str | None,
                      schedule_id: int | None = None) -> dict[str, Any]:
-        task = body.get("task")
-        if not isinstance(task, dict) or not isinstance(task.get("type"), str):
-            raise ApiError(400, "task must be a JSON object with a string type")
+        spec = check(body, self.s.task_expiry_s, self.zone, self.clock.now_ms())
+        task = spec.task
         selector_text = body.get("selector")
         targets = await self.resolve(body.get("targets"), selector_text, task["type"])
-        offline = body.get("offline", "queue")
-        if offline not in ("queue", "skip"):
-            raise ApiError(400, "offline must be queue (wait for them until the job expires) "
-                                "or skip")
-        expires_s = body.get("expires_s", self.s.task_expiry_s)
-        if isinstance(expires_s, bool) or not isinstance(expires_s, (int, float)) or \
-                not 0 < expires_s <= 366 * 86400:
-            raise ApiError(400, "expires_s must be a number of seconds between 0 and one year")
         waves = plan_waves(targets, body.get("canary"), body.get("wave"))
-        pause = body.get("pause_s")
-        if pause == "manual":
-            pause_ms: int | None = -1
-        elif pause is None:
-            pause_ms = None
-        elif isinstance(pause, bool) or not isinstance(pause, (int, float)) or \
-                not 0 <= pause <= 30 * 86400:
-            raise ApiError(400, 'pause_s: seconds between waves (at most 30 days), or "manual"')
-        else:
-            pause_ms = int(pause * 1000)
         budget = body.get("max_failures")
-        max_failures = None if budget is None else _count(budget, len(targets), "max_failures")
+        max_failures = None if budget is None else count(budget, len(targets), "max_failures")
         if max_failures is not None and max_failures > len(targets):
             raise ApiError(400, f"max_failures of {max_failures} is more than the "
                                 f"{len(targets)} targets")
-        nonzero = body.get("nonzero_fails", True)
-        if not isinstance(nonzero, bool):
-            raise ApiError(400, "nonzero_fails must be true or false")
         job_id = await self.store.add_job(
-            actor, self.clock.now_ms(), json.dumps(task), selector_text, offline,
-            int(expires_s), pause_ms, max_failures, nonzero, waves, schedule_id)
+            actor, self.clock.now_ms(), json.dumps(task), selector_text, spec.offline,
+            int(spec.expires_s), spec.pause_ms, max_failures, spec.nonzero_fails, waves,
+            schedule_id, spec.windows)
         self.store.audit(actor, "job_create",
                          f"job {job_id}: {task['type']} to {len(targets)} agents in "
-                         f"{len(waves)} wave(s)" + (f" ({selector_text})" if selector_text else ""),
+                         f"{len(waves)} wave(s)" + (f" ({selector_text})" if selector_text else "")
+                         + (f" (schedule {schedule_id})" if schedule_id is not None else ""),
                          address)
         await self._release(job_id, 0)
         return await self.view(job_id)
@@ -146,14 +94,13 @@ class Jobs:
                 raise ApiError(400, "give targets or a selector, not both")
             selector = selectors.parse(selector_text)
             chosen = []
-            for record in await self.store.agents(True):
+            for record in await self.store.agents(False):  # facts and labels: small
                 acc = auth.accounts.get(record.name)
                 if acc is None or acc.secret_hash == REVOKED:
                     continue
                 if acc.capabilities is not None and kind not in acc.capabilities:
                     continue
-                facts = {**(json.loads(record.inventory) if record.inventory else {}),
-                         **(json.loads(record.facts) if record.facts else {})}
+                facts = json.loads(record.facts) if record.facts else {}
                 labels = json.loads(record.labels) if record.labels else {}
                 if selector.matches(record.name, labels, facts):
                     chosen.append(record.name)
@@ -181,6 +128,8 @@ class Jobs:
         job = await self.store.job(job_id)
         if job is None or job.state != "running" or job.released != wave or wave >= job.waves:
             return
+        if self._until(job) is None:
+            return  # outside its windows: looked at again every sweep until one opens
         body = json.loads(job.task)
         members = [agent for agent, task_id in await self.store.job_wave(job_id, wave)
                    if task_id is None]
@@ -214,13 +163,31 @@ class Jobs:
         records = await self.store.agents(False, agent)
         return bool(records) and (records[0].online_until_ms or 0) > self.clock.now_ms()
 
+    def _until(self, job: JobRecord) -> float | None:
+        """How long a task of the job sent now may stay queued: its expiry, cut one sweep
+        before its window closes (the sweep expires it by then); None outside its windows, or
+        in their last two sweeps (a task could not be delivered in time)."""
+        loaded = windows.load(job.windows)
+        if loaded is None:
+            return float(job.expires_s)
+        now = self.clock.now_ms()
+        is_open, closes_ms = windows.open_until(*loaded, now)
+        if not is_open:
+            return None
+        if closes_ms is None:
+            return float(job.expires_s)
+        left_s = (closes_ms - now) / 1000 - self.s.sweep_interval_s
+        if left_s < self.s.sweep_interval_s:
+            return None  # it closes before a task could be delivered: wait for the next one
+        return min(float(job.expires_s), left_s)
+
     def _send(self, job: JobRecord, agents: Sequence[str], ids: Sequence[int]) -> None:
         if not agents:
             return
         body = json.loads(job.task)
         try:
-            self.tasks.create(agents, body, job.created_by, job.expires_s, None, ids=ids,
-                              waiter=JobWaiter(self, job.id))
+            self.tasks.create(agents, body, job.created_by, self._until(job) or 0.001, None,
+                              ids=ids, waiter=JobWaiter(self, job.id))
         except ApiError as exc:  # changed since the check: the refill tries again later
             log.warning("job %d: sending a wave failed: %s", job.id, exc.msg)
 
@@ -282,7 +249,7 @@ class Jobs:
                                  None)
             return
         if job.pause_ms is not None and job.released > 0:
-            if job.pause_ms == -1:
+            if job.pause_ms == -1 and job.next_ms is None:  # a resume sets next_ms: go
                 reason = f"wave {job.released} of {job.waves} ended: waiting for resume"
                 await self.store.set_job_state(job_id, ("running",), "paused", reason, now)
                 return
@@ -297,6 +264,8 @@ class Jobs:
         """Tasks of a released wave that were never stored (their node died between the
         claim and the commit): made again, with the ids recorded for them."""
         assert job.released_ms is not None
+        if self._until(job) is None:
+            return  # its window closed: they go when the next one opens
         if not await self.store.claim_refill(job.id, job.released_ms, now):
             return
         missing = await self.store.job_missing_tasks(job.id)
@@ -320,7 +289,9 @@ class Jobs:
         elif action in ("resume", "continue"):
             if action == "continue":  # despite failures: the budget no longer stops it
                 await store.set_job_budget(job_id, None, now)
-            done = await store.set_job_state(job_id, ("paused",), "running", None, now)
+            # next_ms = now: a pause between waves (timed or manual) is over with this.
+            done = await store.set_job_state(job_id, ("paused",), "running", None, now,
+                                             next_ms=now)
         elif action == "abort":
             done = await store.set_job_state(job_id, ("running", "paused"), "aborted",
                                              f"aborted by {actor}", now)
@@ -348,14 +319,15 @@ class Jobs:
         job = await self.store.job(job_id)
         if job is None:
             raise ApiError(404, f"Unknown job: {job_id}")
-        return job_view(job, await self.store.job_progress(job_id))
+        return job_view(job, await self.store.job_progress(job_id), self.clock.now_ms())
 
-    async def listing(self, state: str | None, before_id: int | None,
-                      limit: int) -> list[dict[str, Any]]:
+    async def listing(self, state: str | None, before_id: int | None, limit: int,
+                      schedule_id: int | None = None) -> list[dict[str, Any]]:
         if state is not None and state not in STATES:
             raise ApiError(400, f"Invalid state: use one of {', '.join(STATES)}")
-        return [job_view(j, await self.store.job_progress(j.id))
-                for j in await self.store.jobs(state, before_id, limit)]
+        now = self.clock.now_ms()
+        return [job_view(j, await self.store.job_progress(j.id), now)
+                for j in await self.store.jobs(state, before_id, limit, schedule_id)]
 
     async def targets(self, job_id: int, after: str | None, limit: int) -> list[dict[str, Any]]:
         rows = await self.store.job_targets(job_id, after, limit)
@@ -391,27 +363,7 @@ class Jobs:
                  "expires_s": job.expires_s, "nonzero_fails": bool(job.nonzero_fails),
                  "max_failures": None if job.max_failures is None
                  else min(job.max_failures, len(agents))}
+        if job.windows:  # the same maintenance windows, in the same zone
+            again.update(json.loads(job.windows))
         return await self.create(again, actor, address)
 
-
-def job_view(job: JobRecord, progress: list[tuple[int, str, int, int]]) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    waves: list[dict[str, Any]] = [{"wave": n + 1, "targets": 0, "counts": {}}
-                                   for n in range(job.waves)]
-    failed = 0
-    for wave, state, wave_failed, n in progress:
-        counts[state] = counts.get(state, 0) + n
-        waves[wave]["targets"] += n
-        waves[wave]["counts"][state] = n
-        failed += wave_failed
-    task = json.loads(job.task)
-    return {"id": job.id, "state": job.state, "created_by": job.created_by,
-            "created_at": iso(job.created_ms), "updated_at": iso(job.updated_ms),
-            "finished_at": iso(job.finished_ms), "task": task, "type": task.get("type"),
-            "selector": job.selector, "offline": job.offline, "expires_s": job.expires_s,
-            "targets": job.targets, "counts": counts, "failed": failed,
-            "max_failures": job.max_failures, "nonzero_fails": job.nonzero_fails,
-            "pause_s": "manual" if job.pause_ms == -1 else (
-                None if job.pause_ms is None else job.pause_ms / 1000),
-            "released": job.released, "waves": waves, "next_wave_at": iso(job.next_ms),
-            "reason": job.reason, "schedule_id": job.schedule_id}

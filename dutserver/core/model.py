@@ -207,3 +207,29 @@ class JobRecord:
     schedule_id: int | None
     finished_ms: int | None
     targets: int
+    windows: str | None = None  # maintenance windows: {"tz", "windows"} JSON (core/windows.py)
+
+
+@dataclass(slots=True)
+class ScheduleRecord:
+    """A schedule as stored: a job body run at cron slots, once, or every so often."""
+
+    id: int
+    name: str
+    created_by: str
+    created_ms: int
+    updated_ms: int
+    job: str  # the job's body, JSON: task, targets or selector, wave settings
+    cron: str | None  # a cron expression (core/slots.py), or
+    at_ms: int | None  # once, at this time, or
+    every_ms: int | None  # every so often, from created_ms on
+    tz: str  # the IANA zone of its cron and windows
+    windows: str | None  # {"tz", "windows"} JSON, given to every job it makes
+    next_ms: int | None  # its next run (None: none, a once schedule that ran)
+    last_run_ms: int | None
+    last_job_id: int | None
+    runs: int  # jobs it made
+    skipped: int  # slots that made none (its last job still running, or refused)
+    last_skip_ms: int | None
+    last_error: str | None  # why the last slot made no job
+    enabled: bool

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from dutserver.core.model import (AccountRecord, AgentRecord, AuditRecord, EnrollmentRecord,
-                                  EnrollTokenRecord, JobRecord, Outcome, SessionRecord, Task, TaskFilter,
-                                  TaskRecord)
+                                  EnrollTokenRecord, JobRecord, Outcome, ScheduleRecord,
+                                  SessionRecord, Task, TaskFilter, TaskRecord)
 
 
 class AccountExists(Exception):
@@ -112,12 +112,13 @@ class JobPort(Protocol):
     async def add_job(self, created_by: str, now_ms: int, task: str, selector: str | None,
                       offline: str, expires_s: int, pause_ms: int | None,
                       max_failures: int | None, nonzero_fails: bool,
-                      waves: Sequence[Sequence[str]], schedule_id: int | None) -> int: ...
+                      waves: Sequence[Sequence[str]], schedule_id: int | None,
+                      windows: str | None = None) -> int: ...
 
     async def job(self, job_id: int) -> JobRecord | None: ...
 
-    async def jobs(self, state: str | None, before_id: int | None,
-                   limit: int) -> list[JobRecord]: ...
+    async def jobs(self, state: str | None, before_id: int | None, limit: int,
+                   schedule_id: int | None = None) -> list[JobRecord]: ...
 
     async def active_jobs(self) -> list[int]: ...
 
@@ -155,7 +156,43 @@ class JobPort(Protocol):
     async def job_results(self, job_id: int) -> list[tuple[str, str, str | None]]: ...
 
 
-class Store(EnrollmentPort, JobPort, Protocol):
+class SchedulePort(Protocol):
+    """The store's part for schedules (store/schedule_sql.py, written once for both stores).
+    Tested on the real stores (tests/test_store_schedules.py), not faked."""
+
+    async def add_schedule(self, name: str, created_by: str, now_ms: int, job: str,
+                           cron: str | None, at_ms: int | None, every_ms: int | None, tz: str,
+                           windows: str | None, next_ms: int | None, enabled: bool) -> int: ...
+
+    async def schedule(self, schedule_id: int) -> ScheduleRecord | None:
+        """A schedule that is not deleted."""
+        ...
+
+    async def schedules(self, before_id: int | None, limit: int) -> list[ScheduleRecord]: ...
+
+    async def due_schedules(self, now_ms: int) -> list[ScheduleRecord]:
+        """Enabled schedules whose next slot is at or before now_ms."""
+        ...
+
+    async def claim_schedule_run(self, schedule_id: int, seen_next_ms: int,
+                                 following_ms: int | None, now_ms: int) -> bool:
+        """Moves next_ms from the slot seen to the following one (compare and set): True for
+        the one node that does, which runs the slot."""
+        ...
+
+    async def schedule_ran(self, schedule_id: int, job_id: int, now_ms: int) -> None: ...
+
+    async def schedule_skipped(self, schedule_id: int, why: str, now_ms: int) -> None: ...
+
+    async def set_schedule_enabled(self, schedule_id: int, enabled: bool, next_ms: int | None,
+                                   now_ms: int) -> bool:
+        """Compare and set: False when it already was so, or is deleted."""
+        ...
+
+    async def delete_schedule(self, schedule_id: int, now_ms: int) -> bool: ...
+
+
+class Store(EnrollmentPort, JobPort, SchedulePort, Protocol):
     """The database: durable facts shared by every process of a fleet."""
 
     node: str  #: the name of this process in its fleet, written as a task's `delivered_by`

@@ -16,6 +16,7 @@ from dutserver.core.jobs import Jobs
 from dutserver.core.fleet import Fleet
 from dutserver.core.clock import Clock
 from dutserver.core.ports import Notifier, Store
+from dutserver.core.schedules import Schedules
 from dutserver.core.tasks import Tasks
 
 
@@ -29,6 +30,7 @@ class Services:
     enrollment: Enrollment
     devices: RdfmDevices  # RDFM devices' enrollment and tokens (served with rdfm_devices on)
     jobs: Jobs
+    schedules: Schedules
     openapi: bytes = b"{}"  # this server's OpenAPI description (http/openapi.py)
 
     @property
@@ -77,8 +79,9 @@ def build_services(settings: Settings, store: Store, notifier: Notifier,
     auth = Auth(settings, store, clock)
     dispatcher = Dispatcher(settings.online_grace_s, clock)
     tasks = Tasks(settings, store, notifier, clock, dispatcher, auth)
+    jobs = Jobs(settings, store, clock, tasks)
     return Services(settings, auth, tasks, Fleet(store, dispatcher, auth, clock, notifier.fleet),
                     Accounts(store, clock, auth, tasks),
                     Enrollment(settings, store, clock, auth, tasks),
                     RdfmDevices(settings, store, clock, auth),
-                    Jobs(settings, store, clock, tasks))
+                    jobs, Schedules(settings, store, clock, jobs))

@@ -21,18 +21,22 @@ def job_id(req: Request) -> int:
 async def create_job(req: Request) -> Reply:
     """Run a task on a list of agents or a selector, as a job: {"task", "targets" or
     "selector", "offline" (queue|skip), "expires_s", "canary", "wave" (N or "P%"), "pause_s"
-    (seconds or "manual"), "max_failures" (N or "P%"), "nonzero_fails"}."""
+    (seconds or "manual"), "max_failures" (N or "P%"), "nonzero_fails", "windows" (maintenance windows: waves go
+    out only inside one), "tz"}."""
     user = await require_admin(req)
     view = await req.services.jobs.create(await req.json_object(), user, req.address)
     return ok({"job": view}, status=201)
 
 
 async def list_jobs(req: Request) -> Reply:
-    """Jobs, newest first, with counts by task state; state= filters, before_id pages."""
+    """Jobs, newest first, with counts by task state; state= and schedule_id= filter,
+    before_id pages."""
     await require_admin(req)
     limit = int_param(req, "limit", 50, minimum=1, maximum=500)
     before = int_param(req, "before_id", None, minimum=0, maximum=MAX_ID)
-    jobs = await req.services.jobs.listing(req.query.get("state") or None, before, limit or 50)
+    schedule = int_param(req, "schedule_id", None, minimum=0, maximum=MAX_ID)
+    jobs = await req.services.jobs.listing(req.query.get("state") or None, before, limit or 50,
+                                           schedule)
     return ok({"jobs": jobs})
 
 

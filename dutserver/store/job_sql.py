@@ -52,7 +52,7 @@ SCHEMA = """
 
 COLUMNS = ("id, created_by, created_ms, updated_ms, state, task, selector, offline, expires_s, "
            "waves, pause_ms, max_failures, nonzero_fails, released, released_ms, next_ms, "
-           "reason, schedule_id, finished_ms, targets")
+           "reason, schedule_id, finished_ms, targets, windows")
 ACTIVE = ("running", "paused")
 
 # A task of a job failed: the agent said so, no result came, or (nonzero_fails) it ran a
@@ -69,13 +69,14 @@ def _job(row: Row) -> JobRecord:
 
 def create(created_by: str, now_ms: int, task: str, selector: str | None, offline: str,
            expires_s: int, pause_ms: int | None, max_failures: int | None, nonzero_fails: bool,
-           waves: Sequence[Sequence[str]], schedule_id: int | None) -> Steps:
+           waves: Sequence[Sequence[str]], schedule_id: int | None,
+           windows: str | None) -> Steps:
     """The job and its targets, wave by wave (nothing released yet). Returns its id."""
     rows = yield (f"INSERT INTO jobs ({COLUMNS[4:]}) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, "
-                  "?, ?, ?, ?, 0, NULL, NULL, NULL, ?, NULL, ?) RETURNING id",
+                  "?, ?, ?, ?, 0, NULL, NULL, NULL, ?, NULL, ?, ?) RETURNING id",
                   (created_by, now_ms, now_ms, task, selector, offline, expires_s, len(waves),
                    pause_ms, max_failures, int(nonzero_fails), schedule_id,
-                   sum(len(w) for w in waves)))
+                   sum(len(w) for w in waves), windows))
     job_id = int(rows[0][0])
     for number, agents in enumerate(waves):
         for agent in agents:
@@ -89,11 +90,15 @@ def get(job_id: int) -> Steps:
     return _job(rows[0]) if rows else None
 
 
-def find(state: str | None, before_id: int | None, limit: int) -> Steps:
+def find(state: str | None, before_id: int | None, limit: int,
+         schedule_id: int | None = None) -> Steps:
     clauses, args = [], []  # type: list[str], list[Any]
     if state is not None:
         clauses.append("state = ?")
         args.append(state)
+    if schedule_id is not None:
+        clauses.append("schedule_id = ?")
+        args.append(schedule_id)
     if before_id is not None:
         clauses.append("id < ?")
         args.append(before_id)
@@ -221,18 +226,19 @@ class JobStore:
     async def add_job(self, created_by: str, now_ms: int, task: str, selector: str | None,
                       offline: str, expires_s: int, pause_ms: int | None,
                       max_failures: int | None, nonzero_fails: bool,
-                      waves: Sequence[Sequence[str]], schedule_id: int | None) -> int:
+                      waves: Sequence[Sequence[str]], schedule_id: int | None,
+                      windows: str | None = None) -> int:
         return int(await self._steps(create, created_by, now_ms, task, selector, offline,
                                      expires_s, pause_ms, max_failures, nonzero_fails, waves,
-                                     schedule_id))
+                                     schedule_id, windows))
 
     async def job(self, job_id: int) -> JobRecord | None:
         found: JobRecord | None = await self._steps_read(get, job_id)
         return found
 
-    async def jobs(self, state: str | None, before_id: int | None,
-                   limit: int) -> list[JobRecord]:
-        return list(await self._steps_read(find, state, before_id, limit))
+    async def jobs(self, state: str | None, before_id: int | None, limit: int,
+                   schedule_id: int | None = None) -> list[JobRecord]:
+        return list(await self._steps_read(find, state, before_id, limit, schedule_id))
 
     async def active_jobs(self) -> list[int]:
         return list(await self._steps_read(active_ids))

@@ -34,6 +34,7 @@ from dutserver.store import postgres_sql as pgsql
 from dutserver.store import portable
 from dutserver.store.enrollment_sql import EnrollmentStore
 from dutserver.store.job_sql import JobStore
+from dutserver.store.schedule_sql import ScheduleStore
 from dutserver.store.postgres_batch import Batch, settle_won
 from dutserver.store.postgres_notify import PostgresNotifier
 from dutserver.store.postgres_schema import migrate
@@ -53,7 +54,7 @@ def unavailable(exc: BaseException) -> ApiError:
     return ApiError(503, "database unavailable")
 
 
-class PostgresStore(EnrollmentStore, JobStore):
+class PostgresStore(EnrollmentStore, JobStore, ScheduleStore):
     def __init__(self, url: str, node: str, lease_s: float = 5.0, pool_size: int = 8) -> None:
         self.url = url
         self.node = node

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dutserver.store import enrollment_sql, job_sql
+from dutserver.store import enrollment_sql, job_sql, schedule_sql
 from dutserver.store.portable import POSTGRES_TYPES
 
 MIGRATIONS: list[str] = [
@@ -70,6 +70,8 @@ MIGRATIONS: list[str] = [
     enrollment_sql.SCHEMA.format(**POSTGRES_TYPES),
     # Fleet jobs (store/job_sql.py).
     job_sql.SCHEMA.format(**POSTGRES_TYPES),
+    # Schedules, and jobs' maintenance windows (store/schedule_sql.py).
+    schedule_sql.SCHEMA.format(**POSTGRES_TYPES),
 ]
 
 _LOCK = 0x64757473  # "duts": the advisory lock that serializes migrations between nodes

@@ -24,6 +24,7 @@ from dutserver.store import portable
 from dutserver.store import sqlite_sql as sql
 from dutserver.store.enrollment_sql import EnrollmentStore
 from dutserver.store.job_sql import JobStore
+from dutserver.store.schedule_sql import ScheduleStore
 from dutserver.store.sqlite_schema import connect
 from dutserver.store.writer import (GroupCommitWriter, InlineGroupCommitWriter, RowBatches,
                                     background_priority, checkpoint)
@@ -45,7 +46,7 @@ class _Call:
         return self.fn(conn, *self.args)
 
 
-class SqliteStore(EnrollmentStore, JobStore):
+class SqliteStore(EnrollmentStore, JobStore, ScheduleStore):
     """The database as the server uses it: group-committed writes, reads on a reader thread."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL", commit_interval_s: float = 0.0,
@@ -77,7 +78,10 @@ class SqliteStore(EnrollmentStore, JobStore):
         self._unindexed = False  # tasks inserted since the last tasks_index
         # The look-up pass, an attribute so that tests can make it fail as a full disk would
         # (compiled, a patch of the module's function would not reach this module's calls).
-        self.index_pass: Callable[[sqlite3.Connection, list[int]], None] = sql.tasks_index
+        self.index_pass: Callable[[sqlite3.Connection, list[int], list[int]], None] = \
+            sql.tasks_index
+        self._top_inserted = 0  # the highest task id inserted by this process
+        self._late: set[int] = set()  # inserted below it: their look-ups are written singly
         # Tasks whose state changed, by id, with the number of that change: an id leaves
         # once a pass that included it committed (a pass that fails must not take it along).
         self._restated: dict[int, int] = {}
@@ -182,20 +186,21 @@ class SqliteStore(EnrollmentStore, JobStore):
             self._index()
 
     def _index(self) -> asyncio.Future[Any]:
-        restated, upto = list(self._restated), self._changes
+        restated, upto, late = list(self._restated), self._changes, list(self._late)
         self._unindexed = False
         index_pass = self.index_pass
-        done = self.writer.write(lambda conn: index_pass(conn, restated))
-        done.add_done_callback(lambda fut: self._indexed(fut, upto))
+        done = self.writer.write(lambda conn: index_pass(conn, restated, late))
+        done.add_done_callback(lambda fut: self._indexed(fut, upto, late))
         return done
 
-    def _indexed(self, fut: asyncio.Future[Any], upto: int) -> None:
+    def _indexed(self, fut: asyncio.Future[Any], upto: int, late: list[int]) -> None:
         failed = fut.exception()
         if failed is not None:  # the next pass does it all again
             self._unindexed = True
             log.error("writing the task look-ups failed: %s", failed)
         else:  # what changed again after the pass was queued stays for the next one
             self._restated = {n: c for n, c in self._restated.items() if c > upto}
+            self._late.difference_update(late)
 
     def save_task(self, task: Task, expected: str | None = None) -> asyncio.Future[Any]:
         """Writes the task as it is now; the future resolves at the commit. Its first save is an
@@ -213,6 +218,10 @@ class SqliteStore(EnrollmentStore, JobStore):
             return self.rows.add(_UPDATE, row, task.id, unless_pending=_INSERT)
         task.stored = True
         self._unindexed = True
+        if task.id > self._top_inserted:
+            self._top_inserted = task.id
+        else:
+            self._late.add(task.id)
         return self.rows.add(_INSERT, row, task.id)
 
     def audit(self, actor: str | None, action: str, detail: str, address: str | None) -> None:

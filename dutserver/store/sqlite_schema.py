@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from dutserver.store import enrollment_sql, job_sql
+from dutserver.store import enrollment_sql, job_sql, schedule_sql
 from dutserver.store.portable import SQLITE_TYPES
 
 # Numbered migrations, applied in order at start; PRAGMA user_version records how far we got.
@@ -131,6 +131,8 @@ MIGRATIONS: list[str] = [
     enrollment_sql.SCHEMA.format(**SQLITE_TYPES),
     # Fleet jobs (store/job_sql.py).
     job_sql.SCHEMA.format(**SQLITE_TYPES),
+    # Schedules, and jobs' maintenance windows (store/schedule_sql.py).
+    schedule_sql.SCHEMA.format(**SQLITE_TYPES),
 ]
 
 

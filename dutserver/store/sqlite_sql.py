@@ -242,15 +242,23 @@ LOOKUPS = (("tasks_by_agent", "agent", 1), ("tasks_by_submitter", "submitted_by"
 _STATE_LOOKUP = ("tasks_by_state", "state", 4)
 
 
-def tasks_index(conn: sqlite3.Connection, restated: Iterable[int] = ()) -> None:
+def tasks_index(conn: sqlite3.Connection, restated: Iterable[int] = (),
+                late: Iterable[int] = ()) -> None:
     """Writes the look-up rows of the tasks inserted since the last call, sorted, so that each
     of their pages is written once for all of them. Tasks are inserted in id order, so "since"
     is an id: the highest one indexed, kept in settings. Of the tasks indexed before, those in
     `restated` changed state since: their tasks_by_state rows are written again.
 
     Only a queued or delivered task can change state, so only such tasks_by_state rows can be
-    out of date, also after a crash (`tasks_recover` looks them over)."""
+    out of date, also after a crash (`tasks_recover` looks them over).
+
+    `late`: tasks inserted after a task with a higher id (a job's wave takes ids recorded
+    before; a refill after a crash): those at or below the mark get their rows one by one."""
     mark = int(setting_get(conn, "tasks_indexed") or 0)
+    below = sorted(n for n in late if n <= mark)
+    for table, column, _ in (*LOOKUPS, _STATE_LOOKUP) if below else ():
+        conn.executemany(f"INSERT OR IGNORE INTO {table} SELECT {column}, id FROM tasks "
+                         "WHERE id = ?", ((n,) for n in below))
     changed = sorted(n for n in restated if n <= mark)  # the newer ones are inserted below
     if changed:
         _restate(conn, changed)
