@@ -140,6 +140,7 @@ def test_a_machine_waits_as_pending_and_runs_tasks_once_accepted(
     assert {"enroll_token_create", "enroll_request", "enroll_accept"} <= actions
 
 
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
 def test_tokens_that_are_used_up_revoked_expired_or_guessed_admit_nobody(
         nodes: list[RunningServer]) -> None:
     srv = nodes[-1]
@@ -173,6 +174,7 @@ def test_guessing_tokens_bans_the_address_for_enrollment(tmp_path: Path) -> None
         srv.stop()
 
 
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
 def test_bad_requests_store_nothing(nodes: list[RunningServer]) -> None:
     srv = nodes[0]
     admin = Admin(srv)
@@ -195,6 +197,7 @@ def test_bad_requests_store_nothing(nodes: list[RunningServer]) -> None:
     assert admin.call("GET", "/api/v1/enrollment-tokens")[1]["tokens"][0]["uses"] == 0
 
 
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
 def test_duplicates_never_take_over_and_floods_are_bounded(nodes: list[RunningServer]) -> None:
     srv = nodes[-1]
     admin = Admin(nodes[0])

@@ -125,7 +125,9 @@ def test_selectors_pick_by_labels_and_a_paused_job_can_be_aborted(fleet: Fleet) 
     assert len(fleet.agents["r101-a"].received) == 0
 
 
-def test_offline_agents_are_skipped_when_the_job_says_so(fleet: Fleet) -> None:
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
+def test_offline_agents_are_skipped_when_the_job_says_so(
+        fleet: Fleet, nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("on-1")
     fleet.add("off-1", poll=False)
     status, created = fleet.job(targets=["on-1", "off-1"], offline="skip")
@@ -136,7 +138,9 @@ def test_offline_agents_are_skipped_when_the_job_says_so(fleet: Fleet) -> None:
     assert {t["agent"]: t["state"] for t in targets} == {"off-1": "skipped", "on-1": "done"}
 
 
-def test_an_atomic_batch_is_stored_whole_or_not_at_all(fleet: Fleet) -> None:
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
+def test_an_atomic_batch_is_stored_whole_or_not_at_all(
+        fleet: Fleet, nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("batch-1", "batch-2", poll=False)
     before = fleet.admin.call("GET", "/api/v1/tasks?limit=1000")[1]["tasks"]
     status, refused = fleet.admin.call("POST", "/api/v1/batches", {"submits": [
@@ -164,15 +168,19 @@ def test_an_atomic_batch_is_stored_whole_or_not_at_all(fleet: Fleet) -> None:
     ({"targets": ["j-1"], "pause_s": -1}, 400, "pause_s"),
     ({"targets": ["j-1"], "task": {"cmd": "x"}}, 400, "task"),
 ])
-def test_bad_jobs_are_refused_and_store_nothing(fleet: Fleet, body: dict[str, Any],
-                                                 status: int, words: str) -> None:
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
+def test_bad_jobs_are_refused_and_store_nothing(
+        fleet: Fleet, body: dict[str, Any], status: int, words: str,
+        nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("j-1", "j-2", poll=False)
     got, answer_ = fleet.job(**body)
     assert got == status and words in answer_["msg"], answer_
     assert fleet.admin.call("GET", "/api/v1/jobs")[1]["jobs"] == []
 
 
-def test_rerun_on_the_failed_ones(fleet: Fleet) -> None:
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
+def test_rerun_on_the_failed_ones(fleet: Fleet,
+                                  nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("ok-1", "bad-9")
     status, created = fleet.job(targets=["ok-1", "bad-9"])
     job = fleet.wait_job(created["job"]["id"], "done")

@@ -147,8 +147,9 @@ def test_slots_missed_while_down_run_once_at_start_up(fleet: Fleet) -> None:  # 
     assert get(fleet, every)["next_run_at"] is not None
 
 
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
 def test_a_slot_that_comes_while_the_last_run_is_still_running_is_skipped(
-        fleet: Fleet) -> None:  # noqa: F811
+        fleet: Fleet, nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("win-1")
     # Windows that are closed now: the first run's job waits for one, and holds the schedule.
     later = DAYS[(datetime.now(UTC) + timedelta(days=3)).weekday()]
@@ -178,8 +179,9 @@ def test_a_slot_that_comes_while_the_last_run_is_still_running_is_skipped(
         e["action"] for e in fleet.admin.call("GET", "/api/v1/audit?limit=1000")[1]["events"]}
 
 
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
 def test_a_job_in_an_open_window_is_sent_with_its_expiry_cut_at_the_window_end(
-        fleet: Fleet) -> None:  # noqa: F811
+        fleet: Fleet, nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("open-1", poll=False)
     now = datetime.now(UTC)
     window = {"from": (now - timedelta(hours=1)).strftime("%H:%M"),
@@ -228,9 +230,10 @@ def test_a_job_in_an_open_window_is_sent_with_its_expiry_cut_at_the_window_end(
     ({"every_s": 60, "job": {"cmd": "x", "targets": ["sch-1"]}}, 400, "task"),
     ({"every_s": 60, "when": "now"}, 400, "Unknown field 'when'"),
 ])
-def test_bad_schedules_are_refused_and_store_nothing(fleet: Fleet,  # noqa: F811
-                                                      body: dict[str, Any],
-                                                      status: int, words: str) -> None:
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
+def test_bad_schedules_are_refused_and_store_nothing(  # noqa: F811
+        fleet: Fleet, body: dict[str, Any], status: int, words: str,  # noqa: F811
+        nodes: list[RunningServer]) -> None:  # noqa: F811
     fleet.add("sch-1", poll=False)
     body.setdefault("job", {"task": PING, "targets": ["sch-1"]})
     got, answer = fleet.admin.call("POST", "/api/v1/schedules", body)
@@ -239,6 +242,7 @@ def test_bad_schedules_are_refused_and_store_nothing(fleet: Fleet,  # noqa: F811
     assert fleet.admin.call("GET", "/api/v1/jobs")[1]["jobs"] == []
 
 
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
 def test_schedules_are_in_openapi(nodes: list[RunningServer]) -> None:  # noqa: F811
     status, _, raw = http("GET", nodes[0].url + "/openapi.json")
     assert status == 200
