@@ -191,3 +191,18 @@ def test_rerun_on_the_failed_ones(fleet: Fleet,
     targets = fleet.admin.call("GET", f"/api/v1/jobs/{again['job']['id']}/targets")[1]
     assert [t["agent"] for t in targets["targets"]] == ["bad-9"]
     json.dumps(targets)
+
+
+@pytest.mark.parametrize("nodes", ["sqlite"], indirect=True)  # the rules; both stores: above
+def test_an_agent_removed_while_its_job_runs_is_skipped(
+        fleet: Fleet, nodes: list[RunningServer]) -> None:  # noqa: F811
+    fleet.add("stay-1", "gone-1")
+    status, created = fleet.job(targets=["stay-1", "gone-1"], canary=1, pause_s="manual")
+    assert status == 201, created
+    job_id = created["job"]["id"]
+    fleet.wait_job(job_id, "paused")
+    assert fleet.admin.call("DELETE", "/api/v1/accounts/gone-1")[0] == 200
+    assert fleet.admin.call("POST", f"/api/v1/jobs/{job_id}/resume")[0] == 200
+    job = fleet.wait_job(job_id, "done")
+    assert job["counts"] == {"done": 1, "skipped": 1} and job["failed"] == 0
+    assert fleet.agents["gone-1"].received == []
