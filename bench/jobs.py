@@ -55,7 +55,7 @@ async def _job(conn: Connection, names: list[str], timeout_s: float) -> int:
             if job["state"] != "done" or job["counts"].get("done") != len(names):
                 raise BenchError(f"job {job_id} ended {job['state']}: {job['counts']}")
             return job_id
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.25)  # a dutctl --follow polls every 0.5 s, the web 1.5 s
     raise BenchError(f"job {job_id} did not end in {timeout_s} s")
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("dutserver.jobs")
 
 STATES = ("running", "paused", "done", "aborted")
 _ENDED = frozenset(s.value for s in FINAL_STATES) | {"skipped"}
+LOOK_DELAY_S = 0.02
 REFILL_AFTER_MS = 10_000  # a released wave whose tasks are not stored this long: its node died
 
 
@@ -204,6 +205,9 @@ class Jobs:
     async def _look(self, job_id: int) -> None:
         try:
             while True:
+                # A wave's tasks end in a burst: one look for the ends of a moment, not one
+                # per task (each look reads the job's progress over all its targets).
+                await asyncio.sleep(LOOK_DELAY_S)
                 try:
                     await self.step(job_id)
                 except ApiError as exc:
