@@ -27,11 +27,16 @@ async def require_admin(req: Request) -> str:
     return user
 
 
+def path_id(req: Request, what: str, key: str = "id") -> int:
+    """An integer id from the path; 404 past what the stores hold (no such id exists)."""
+    value: int = req.path_params[key]
+    if value > MAX_ID:
+        raise ApiError(404, f"Unknown {what}: {value}")
+    return value
+
+
 def path_task_id(req: Request) -> int:
-    task_id: int = req.path_params["task_id"]
-    if task_id > MAX_ID:
-        raise ApiError(404, f"Unknown task: {task_id}")
-    return task_id
+    return path_id(req, "task", "task_id")
 
 
 async def session_info(req: Request) -> Reply:

@@ -4,22 +4,14 @@ core (core/enrollment.py), shape."""
 
 from __future__ import annotations
 
-from dutserver.core.errors import ApiError
 from dutserver.http.answer import Reply, ok
 from dutserver.http.endpoint import Endpoint, Route
 from dutserver.http.request import Request
-from dutserver.routes.api import MAX_ID, require_admin
+from dutserver.routes.api import path_id, require_admin
 
 
 async def require_agent(req: Request) -> str:
     return await req.services.auth.agent(req.header(b"authorization"), req.address)
-
-
-def path_id(req: Request, what: str) -> int:
-    value: int = req.path_params["id"]
-    if value > MAX_ID:
-        raise ApiError(404, f"Unknown {what}: {value}")
-    return value
 
 
 # --- the machine's side ----------------------------------------------------------------------

@@ -4,18 +4,14 @@ the core (core/jobs.py, core/batches.py), shape."""
 from __future__ import annotations
 
 from dutserver.core import batches
-from dutserver.core.errors import ApiError
 from dutserver.http.answer import Reply, ok
 from dutserver.http.endpoint import Endpoint, Route
 from dutserver.http.request import Request, int_param
-from dutserver.routes.api import MAX_ID, require_admin
+from dutserver.routes.api import MAX_ID, path_id, require_admin
 
 
 def job_id(req: Request) -> int:
-    value: int = req.path_params["id"]
-    if value > MAX_ID:
-        raise ApiError(404, f"Unknown job: {value}")
-    return value
+    return path_id(req, "job")
 
 
 async def create_job(req: Request) -> Reply:

@@ -3,18 +3,14 @@ shape."""
 
 from __future__ import annotations
 
-from dutserver.core.errors import ApiError
 from dutserver.http.answer import Reply, ok
 from dutserver.http.endpoint import Endpoint, Route
 from dutserver.http.request import Request, int_param
-from dutserver.routes.api import MAX_ID, require_admin
+from dutserver.routes.api import MAX_ID, path_id, require_admin
 
 
 def schedule_id(req: Request) -> int:
-    value: int = req.path_params["id"]
-    if value > MAX_ID:
-        raise ApiError(404, f"Unknown schedule: {value}")
-    return value
+    return path_id(req, "schedule")
 
 
 async def create_schedule(req: Request) -> Reply:

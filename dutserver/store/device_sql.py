@@ -13,7 +13,7 @@ from typing import Any
 
 from dutserver.core.model import EnrollmentRecord
 from dutserver.store.enrollment_rows import COLUMNS, enrollment
-from dutserver.store.portable import Steps, bump_accounts_rev
+from dutserver.store.portable import Operations, Steps, bump_accounts_rev
 
 DEVICE_SECRET = "device$"  # + the entry's id: a device proves itself by its key, never a secret
 
@@ -80,14 +80,9 @@ def rotate(record: EnrollmentRecord, old_id: int, name: str, labels: str | None,
     return enrollment(rows[0])
 
 
-class DeviceStore:
+class DeviceStore(Operations):
     """The Store port's RDFM device methods (a base of store/enrollment_sql.EnrollmentStore)."""
 
-    async def _steps(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
-
-    async def _steps_read(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
 
     async def device_entries(self, device_id: str, key_fp: str) -> list[EnrollmentRecord]:
         return list(await self._steps_read(entries, device_id, key_fp))

@@ -294,11 +294,6 @@ class EnrollmentStore(DeviceStore):
     """The Store port's enrollment methods, for both stores: each provides `_steps` (an
     operation in its writer's next transaction) and `_steps_read` (on a reader)."""
 
-    async def _steps(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
-
-    async def _steps_read(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
 
     async def add_enroll_token(self, digest: str, note: str, created_by: str, now_ms: int,
                                expires_ms: int, max_uses: int | None, labels: str,

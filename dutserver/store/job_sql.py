@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dutserver.core.model import JobRecord
-from dutserver.store.portable import Row, Steps
+from dutserver.store.portable import Operations, Row, Steps
 
 SCHEMA = """
     CREATE TABLE jobs (
@@ -214,14 +214,9 @@ def results(job_id: int) -> Steps:
     return [(str(r[0]), str(r[1]), r[2]) for r in rows]
 
 
-class JobStore:
+class JobStore(Operations):
     """The Store port's job methods (core/ports.py: JobPort), for both stores."""
 
-    async def _steps(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
-
-    async def _steps_read(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
 
     async def add_job(self, created_by: str, now_ms: int, task: str, selector: str | None,
                       offline: str, expires_s: int, pause_ms: int | None,

@@ -106,3 +106,14 @@ def bump_accounts_rev() -> Step:
     """Every process re-reads the accounts when this number moves (core/auth.py)."""
     return ("UPDATE settings SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
             "WHERE key = 'accounts_rev'", ())
+
+
+class Operations:
+    """The base of the stores' mixins written once (EnrollmentStore, JobStore …): each store
+    provides these two, its writer's transaction and its reader."""
+
+    async def _steps(self, operation: Operation, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def _steps_read(self, operation: Operation, *args: Any) -> Any:
+        raise NotImplementedError

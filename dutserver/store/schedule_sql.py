@@ -10,10 +10,9 @@ schedule goes on from the first slot after now.
 
 from __future__ import annotations
 
-from typing import Any
 
 from dutserver.core.model import ScheduleRecord
-from dutserver.store.portable import Row, Steps
+from dutserver.store.portable import Operations, Row, Steps
 
 SCHEMA = """
     ALTER TABLE jobs ADD COLUMN windows TEXT;
@@ -121,14 +120,9 @@ def delete(schedule_id: int, now_ms: int) -> Steps:
     return bool(rows)
 
 
-class ScheduleStore:
+class ScheduleStore(Operations):
     """The Store port's schedule methods (core/ports.py: SchedulePort), for both stores."""
 
-    async def _steps(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
-
-    async def _steps_read(self, operation: Any, *args: Any) -> Any:
-        raise NotImplementedError
 
     async def add_schedule(self, name: str, created_by: str, now_ms: int, job: str,
                            cron: str | None, at_ms: int | None, every_ms: int | None, tz: str,
